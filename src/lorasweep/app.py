@@ -1,0 +1,99 @@
+"""``lorasweep train``: the Hydra application around ``job.run_job``.
+
+Single runs are composed and checked once *before* Hydra starts, so a bad key, value or path gives one
+paragraph and exit code 2 without leaving an empty run folder behind.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lorasweep.config.paths import conf_dir
+from lorasweep.errors import UserError
+
+CONFIG_NAME = "train"
+VERSION_BASE = "1.3"
+_HYDRA_FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version",
+                            "--shell-completion", "-sc")
+
+
+def register() -> None:
+    """Schema and resolvers; called before any composition (idempotent)."""
+    from lorasweep.config.train import register_configs
+    from lorasweep.tracking.files import create_unique_dir
+
+    register_configs()
+    if not OmegaConf.has_resolver("lorasweep_run_dir"):
+        # use_cache: Hydra may resolve hydra.run.dir more than once; the folder must be made only once.
+        OmegaConf.register_new_resolver("lorasweep_run_dir", lambda p: str(create_unique_dir(Path(p))),
+                                        use_cache=True)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose ``train.yaml`` with ``overrides`` (Hydra grammar), turning composition errors into UserErrors."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lorasweep.config.errors import describe_omegaconf_error
+
+    register()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=VERSION_BASE, job_name="train"):
+            return compose(CONFIG_NAME, overrides=overrides)
+    except HydraException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OmegaConfBaseException):
+            raise UserError(*describe_omegaconf_error(cause)) from None
+        text = " ".join(str(exc).split())
+        raise UserError("command line", text, "See `lorasweep train --help` for groups, options and keys.") \
+            from None
+
+
+def report_user_error(exc: UserError) -> int:
+    print(f"lorasweep: error: {exc.paragraph()}", file=sys.stderr)
+    return 2
+
+
+def train_main(args: list[str]) -> int:
+    """Run ``lorasweep train [overrides] [hydra flags]`` and return the exit code."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from lorasweep.job import CheckedInputs, preflight, run_job
+
+    register()
+    checked: CheckedInputs | None = None
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if not multirun and not any(a.split("=")[0] in _HYDRA_FLAGS_WITHOUT_RUN for a in args):
+        overrides = [a for a in args if not a.startswith("-")]
+        try:
+            checked = preflight(compose_config(overrides))
+        except UserError as exc:
+            return report_user_error(exc)
+
+    def task(cfg: DictConfig) -> float:
+        from lorasweep.tracking.console import print_summary
+
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        tags = {"hydra.job.name": hydra_cfg.job.name}
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            tags["hydra.job.num"] = str(hydra_cfg.job.num)
+        try:
+            result = run_job(cfg, run_dir, tags=tags, checked=checked)
+        except UserError as exc:
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                raise
+            sys.exit(report_user_error(exc))
+        print_summary(result.run_dir, result.val_loss_start, result.val_loss, result.lora_path,
+                      result.tracking_uri)
+        return result.val_loss
+
+    sys.argv = ["lorasweep train", *args]
+    hydra.main(version_base=VERSION_BASE, config_path=str(conf_dir()), config_name=CONFIG_NAME)(task)()
+    return 0

@@ -1,0 +1,71 @@
+"""The ``lorasweep`` command: parses the sub-command and hands off. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lorasweep.errors import UserError
+
+USAGE = """lorasweep <command> [args]
+
+commands:
+  train [overrides]         train one LoRA (Hydra overrides, e.g. optimizer.lr=3e-4 network.dim=16;
+                            --help shows groups and the composed config, --cfg job prints it, -m sweeps)
+  ui                        open the MLflow UI on the default store, bound to 127.0.0.1
+  reproduce RUN [--check]   re-run a run folder (or an MLflow run id) from its saved config
+"""
+
+
+def _ui(argv: list[str]) -> int:
+    from lorasweep.tracking.ui import run_ui
+
+    parser = argparse.ArgumentParser(prog="lorasweep ui", description="Start the MLflow UI on lorasweep's store.")
+    parser.add_argument("--output-root", default="outputs", help="output.root of your runs (default: outputs)")
+    parser.add_argument("--uri", default=None, help="a tracking URI instead of <output-root>/mlflow.db")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=5000)
+    args = parser.parse_args(argv)
+    return run_ui(args.output_root, args.uri, args.host, args.port)
+
+
+def _reproduce(argv: list[str]) -> int:
+    from lorasweep.reproduce import reproduce
+
+    parser = argparse.ArgumentParser(prog="lorasweep reproduce",
+                                     description="Re-run a run from its saved config into a new run folder.")
+    parser.add_argument("source", help="a run folder (with config.yaml) or an MLflow run id")
+    parser.add_argument("--check", action="store_true",
+                        help="compare every LoRA tensor and the validation loss with the original")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="where to look up an MLflow run id (default: $MLFLOW_TRACKING_URI or "
+                             "outputs/mlflow.db)")
+    args = parser.parse_args(argv)
+    return reproduce(args.source, check=args.check, tracking_uri=args.tracking_uri)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            from lorasweep.app import train_main
+
+            return train_main(rest)
+        if command == "ui":
+            return _ui(rest)
+        if command == "reproduce":
+            return _reproduce(rest)
+    except UserError as exc:
+        from lorasweep.app import report_user_error
+
+        return report_user_error(exc)
+    print(f"lorasweep: error: unknown command {command!r}.\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

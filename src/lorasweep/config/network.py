@@ -1,0 +1,46 @@
+"""The ``network`` group: which modules get LoRA adapters, their rank and scale."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lorasweep.config._checks import check_choice, check_range
+
+TARGETS = ("kohya", "attention")
+
+
+@dataclass
+class NetworkConfig:
+    """LoRA network shape. Mirrors kohya's ``networks.lora`` (``--network_dim``/``--network_alpha``)."""
+
+    dim: int = 8
+    """LoRA rank r: the inner size of the down (r×in) and up (out×r) matrices. Not "hidden units"."""
+
+    alpha: float | None = None
+    """``network_alpha``: the update is scaled by alpha/dim, so alpha < dim shrinks the effective step.
+    null means alpha = dim (scale 1). Saved as the per-module ``.alpha`` scalar."""
+
+    train_unet: bool = True
+    """Put LoRA on the UNet. false = kohya ``--network_train_text_encoder_only`` (seed: ``text_only``)."""
+
+    train_text_encoder: bool = True
+    """Put LoRA on the text encoder. false = kohya ``--network_train_unet_only`` (seed: ``unet_only``)."""
+
+    target: str = "kohya"
+    """Which modules: ``kohya`` = every Linear and 1×1 Conv in the UNet's transformer blocks (attn1/attn2
+    q/k/v/out, ff, proj_in/proj_out) and the text encoder's self-attention and MLP, as kohya's
+    ``networks.lora`` does; ``attention`` = attention projections only."""
+
+    dropout: float = 0.0
+    """Dropout on the LoRA input (peft ``lora_dropout``; kohya ``--network_dropout``)."""
+
+    def validate(self, key: str = "network") -> None:
+        check_range(f"{key}.dim", self.dim, low=1, high=1024)
+        if self.alpha is not None:
+            check_range(f"{key}.alpha", self.alpha, low=0.0, low_inclusive=False)
+        check_choice(f"{key}.target", self.target, TARGETS)
+        check_range(f"{key}.dropout", self.dropout, low=0.0, high=1.0, high_inclusive=False)
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.dim if self.alpha is None else self.alpha)

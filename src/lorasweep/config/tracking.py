@@ -1,0 +1,29 @@
+"""The ``tracking`` group: the MLflow store, experiment and run name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow logging. One run = one MLflow run; its id is written into the run folder's ``run.json``."""
+
+    enabled: bool = True
+    """Log to MLflow. The run folder is written either way."""
+
+    uri: str | None = None
+    """Tracking URI; null = ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<output.root>/mlflow.db`` with artifacts
+    under ``<output.root>/mlartifacts``. Any remote ``mlflow server`` URL works."""
+
+    experiment: str = "lorasweep"
+    """MLflow experiment name (created when missing)."""
+
+    run_name: str | None = None
+    """MLflow run name; null = the run folder's name."""
+
+    tags: dict[str, str] = field(default_factory=dict)
+    """Extra tags set on the MLflow run."""
+
+    def validate(self, key: str = "tracking") -> None:
+        return None

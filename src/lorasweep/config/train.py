@@ -1,0 +1,80 @@
+"""The root config: one field per group, registered in Hydra's ConfigStore as the schema of ``train.yaml``.
+
+The dataclasses are the single source of keys, types, defaults and documentation; the YAML files under
+``conf/`` only choose values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from lorasweep.config.data import DataConfig
+from lorasweep.config.model import ModelConfig
+from lorasweep.config.network import NetworkConfig
+from lorasweep.config.optimizer import OptimizerConfig
+from lorasweep.config.output import OutputConfig
+from lorasweep.config.precision import PrecisionConfig
+from lorasweep.config.sampling import SamplingConfig
+from lorasweep.config.scheduler import SchedulerConfig
+from lorasweep.config.tracking import TrackingConfig
+from lorasweep.config.training import TrainingConfig
+from lorasweep.config.validation import ValidationConfig
+from lorasweep.errors import UserError
+
+GROUPS = ("model", "data", "network", "optimizer", "scheduler", "training", "precision", "sampling",
+          "validation", "output", "tracking")
+SCHEMA_NAME = "train_schema"
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. ``config.yaml`` in a run folder is this, fully resolved."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        """Check ranges and combinations that types cannot express, group by group."""
+        for group in GROUPS:
+            getattr(self, group).validate(group)
+        if not (self.network.train_unet or self.network.train_text_encoder):
+            raise UserError("network.train_unet / network.train_text_encoder",
+                            "both are false, so nothing would be trained.",
+                            "Set at least one of them to true (seed names: unet_only / text_only).")
+        if self.precision.mixed == "fp16" and self.training.device == "cpu":
+            raise UserError("precision.mixed", "fp16 autocast needs a CUDA device; training.device is cpu.",
+                            "Use `precision.mixed=bf16` (works on CPU) or `precision.mixed=no`.")
+
+
+def register_configs() -> None:
+    """Register the root schema; idempotent, so importing twice (tests, Hydra plugins) is harmless."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+
+
+def to_train_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
+    """Turn a composed (or loaded) config into typed, validated dataclasses.
+
+    A loaded ``config.yaml`` is merged onto the schema first, so an old or hand-edited file gets the same
+    key and type checks as a composed one.
+    """
+    from lorasweep.config.errors import omegaconf_errors_as_user_errors
+
+    with omegaconf_errors_as_user_errors():
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, TrainConfig)
+    obj.validate()
+    return obj

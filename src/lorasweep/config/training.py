@@ -1,0 +1,66 @@
+"""The ``training`` group: the loop's length, batch, seed and device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lorasweep.config._checks import check_choice, check_range
+from lorasweep.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class TrainingConfig:
+    """Loop settings. kohya: ``--max_train_steps``, ``--max_train_epochs``, ``--train_batch_size``,
+    ``--gradient_accumulation_steps``, ``--seed``."""
+
+    max_steps: int | None = 300
+    """Total optimizer steps; overrides ``epochs`` when set."""
+
+    epochs: int = 1
+    """Passes over the repeated data set; used when ``max_steps`` is null."""
+
+    batch_size: int = 4
+    """Images per micro-step."""
+
+    grad_accum_steps: int = 1
+    """Micro-steps per optimizer step (effective batch = batch_size × grad_accum_steps)."""
+
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm of the LoRA parameters to this value; null = no clipping."""
+
+    seed: int = 42
+    """The training seed (LoRA init, data order, noise, timesteps). Seed name ``test_seed``."""
+
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``."""
+
+    attention: str = "sdpa"
+    """UNet attention backend: ``sdpa`` (PyTorch scaled_dot_product_attention) or ``eager``."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (slower)."""
+
+    log_every_n_steps: int = 10
+    """How often loss, learning rates and throughput are logged (and the only host-device syncs)."""
+
+    def validate(self, key: str = "training") -> None:
+        if self.max_steps is not None:
+            check_range(f"{key}.max_steps", self.max_steps, low=1)
+        check_range(f"{key}.epochs", self.epochs, low=1)
+        check_range(f"{key}.batch_size", self.batch_size, low=1)
+        check_range(f"{key}.grad_accum_steps", self.grad_accum_steps, low=1)
+        if self.max_grad_norm is not None:
+            check_range(f"{key}.max_grad_norm", self.max_grad_norm, low=0.0, low_inclusive=False)
+        check_range(f"{key}.seed", self.seed, low=0, high=2**32 - 1)
+        check_choice(f"{key}.device", self.device, DEVICES)
+        check_choice(f"{key}.attention", self.attention, ATTENTION)
+        check_range(f"{key}.log_every_n_steps", self.log_every_n_steps, low=1)
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError(f"{key}.device", "cuda was asked for but no CUDA device is visible.",
+                                "Use `training.device=auto` or `training.device=cpu`.")

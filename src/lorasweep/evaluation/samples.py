@@ -1,0 +1,61 @@
+"""Sample images: fixed prompts × fixed seeds, so runs and steps can be compared by eye."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lorasweep.config.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt_index: int
+    prompt: str
+    seed: int
+    image: Image.Image
+
+    @property
+    def file_name(self) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.prompt.lower()).strip("-")[:40] or "empty"
+        return f"{self.prompt_index:02d}_{slug}_s{self.seed}.png"
+
+    @property
+    def key(self) -> str:
+        return f"sample_p{self.prompt_index}_s{self.seed}"
+
+
+@torch.no_grad()
+def render_samples(cfg: SamplingConfig, *, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any,
+                   noise_scheduler: Any, resolution: int, clip_skip: int, device: torch.device) -> list[Sample]:
+    """Render with a DDIM sampler built from the training scheduler's config (deterministic, eta=0).
+
+    The models are used as they are (LoRA active), in eval mode; their training mode is restored after.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    modes = [(m, m.training) for m in (unet, text_encoder, vae)]
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    samples = []
+    try:
+        for module, _ in modes:
+            module.eval()
+        for p_idx, prompt in enumerate(cfg.prompts):
+            for seed in cfg.seeds:
+                generator = torch.Generator(device=device).manual_seed(seed)
+                image = pipe(prompt, negative_prompt=cfg.negative_prompt or None, height=resolution,
+                             width=resolution, num_inference_steps=cfg.num_inference_steps,
+                             guidance_scale=cfg.guidance_scale, generator=generator,
+                             clip_skip=(clip_skip - 1) or None, output_type="pil").images[0]
+                samples.append(Sample(p_idx, prompt, seed, image))
+    finally:
+        for module, mode in modes:
+            module.train(mode)
+    return samples

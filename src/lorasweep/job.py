@@ -1,0 +1,204 @@
+"""One training run from a composed config: the contract between Hydra (or ``reproduce``) and the trainer.
+
+``run_job`` creates nothing before every input has been checked, writes the run folder, mirrors everything
+to MLflow, trains, saves the LoRA, and returns the objective (the final validation loss).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lorasweep.config.paths import cache_root
+from lorasweep.config.train import TrainConfig, to_train_config
+from lorasweep.data.dataset import ImageItem, scan_folder, split_validation
+from lorasweep.errors import UserError
+from lorasweep.evaluation.samples import Sample
+from lorasweep.tracking.console import TrainProgress, attach_log_handlers, detach_log_handlers, make_console
+from lorasweep.tracking.files import atomic_write_text
+from lorasweep.tracking.mlflow_run import MlflowRun, flatten
+from lorasweep.tracking.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_DIR = "data/synthetic-zorb"
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    """Everything ``preflight`` established, reused by the run so nothing is scanned twice."""
+
+    config: TrainConfig
+    train_dir: Path
+    train_items: list[ImageItem]
+    val_items: list[ImageItem]
+    missing_captions: int
+
+
+@dataclass(frozen=True)
+class JobResult:
+    run_dir: Path
+    val_loss_start: float
+    val_loss: float
+    lora_path: Path
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+
+def resolve_train_dir(cfg: TrainConfig) -> Path:
+    """``data.train_dir``, or the built-in synthetic concept set (generated once into the cache)."""
+    if cfg.data.train_dir:
+        return Path(cfg.data.train_dir).expanduser()
+    from lorasweep.data.synthetic import write_concept_dataset
+
+    return write_concept_dataset(cache_root(cfg.model.cache_dir) / SYNTHETIC_DIR)
+
+
+def check_output_root(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".lorasweep-write-test-{time.time_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError("output.root", f"{root} is not writable ({exc.strerror or exc}).",
+                        "Choose a folder you can write to with `output.root=<path>`.") from None
+
+
+def preflight(cfg: DictConfig | TrainConfig) -> CheckedInputs:
+    """Every check that can fail on user input, before any folder, MLflow run or model load exists."""
+    from lorasweep.models.loading import resolve_base
+
+    tc = cfg if isinstance(cfg, TrainConfig) else to_train_config(cfg)
+    resolve_base(tc.model)
+    check_output_root(Path(tc.output.root))
+    train_dir = resolve_train_dir(tc)
+    scan = scan_folder(train_dir, tc.data.caption_extension)
+    train_items, val_items = split_validation(scan.items, tc.validation.split, tc.validation.seed)
+    return CheckedInputs(tc, train_dir, train_items, val_items, scan.missing_captions)
+
+
+def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = None,
+            checked: CheckedInputs | None = None) -> JobResult:
+    """Train one LoRA into ``run_dir`` (which must be new and otherwise empty but for Hydra's ``.hydra/``)."""
+    from lorasweep.data.tags import format_tag_frequency, tag_frequency
+    from lorasweep.models.loading import load_base_model
+    from lorasweep.network.kohya import save_lora_file
+    from lorasweep.network.metadata import TrainingFacts, kohya_metadata
+    from lorasweep.training.loop import lora_file_path, pick_device, train
+
+    checked = checked or preflight(cfg)
+    tc = checked.config
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    output_root = Path(tc.output.root)
+    folder = RunFolder(run_dir)
+    folder.write_config(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    console = make_console()
+    handlers = attach_log_handlers(folder.log_path, console)
+    started = time.time()
+    frequency = tag_frequency(checked.train_items + checked.val_items)
+    atomic_write_text(run_dir / "tag_frequency.txt", format_tag_frequency(frequency))
+    all_tags = {"lorasweep.run_dir": str(run_dir.resolve()), **(tags or {})}
+    tracker = MlflowRun(tc.tracking, output_root, run_dir.name, all_tags) if tc.tracking.enabled else None
+    folder.start_record(
+        name=run_dir.name, train_dir=str(checked.train_dir), device=str(pick_device(tc.training.device)),
+        n_train_images=len(checked.train_items), n_val_images=len(checked.val_items),
+        missing_captions=checked.missing_captions, tags=all_tags,
+        mlflow=None if tracker is None else {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
+                                             "run_id": tracker.run_id})
+    log.info("run %s: %d training and %d validation images from %s", run_dir.name, len(checked.train_items),
+             len(checked.val_items), checked.train_dir)
+    recorder = _Recorder(folder, tracker)
+    status = "FAILED"
+    try:
+        if tracker is not None:
+            tracker.log_params(flatten(resolved))
+            tracker.log_artifact(folder.config_path)
+        base = load_base_model(tc.model)
+        with TrainProgress(console, run_dir.name) as progress:
+            recorder.progress_bar = progress
+            result = train(tc, base, checked.train_items, checked.val_items, recorder)
+        facts = TrainingFacts(
+            model_id=base.model_id, num_train_images=sum(it.repeats for it in checked.train_items),
+            num_batches_per_epoch=result.num_batches_per_epoch, num_epochs=result.epochs, epoch=result.epochs,
+            max_train_steps=result.steps, warmup_steps=result.warmup_steps, started_at=started,
+            tag_frequency=frequency, dataset_dirs=_dataset_dirs(checked.train_items))
+        lora_path = lora_file_path(run_dir, tc.output.name)
+        save_lora_file(lora_path, result.lora_tensors, None if tc.output.no_metadata else kohya_metadata(tc, facts))
+        status = "FINISHED"
+        folder.update_record(objective=result.val_loss, val_loss=result.val_loss,
+                             val_loss_start=result.val_loss_start, steps=result.steps,
+                             val_history=result.val_history, lora=str(lora_path.relative_to(run_dir)))
+        return JobResult(run_dir, result.val_loss_start, result.val_loss, lora_path,
+                         None if tracker is None else tracker.run_id, None if tracker is None else tracker.uri)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException as exc:
+        error = "".join(traceback.format_exception_only(exc)).strip()
+        log.error("run failed: %s", error)
+        folder.update_record(error=error)
+        if tracker is not None:
+            tracker.set_tags({"lorasweep.error": error[:5000]})
+        raise
+    finally:
+        folder.update_record(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             duration_s=round(time.time() - started, 3))
+        folder.close()
+        detach_log_handlers(handlers)
+        if tracker is not None:
+            _finish_tracking(tracker, folder, status)
+
+
+def _finish_tracking(tracker: MlflowRun, folder: RunFolder, status: str) -> None:
+    for name in ("train.log", "run.json", "metrics.jsonl", "tag_frequency.txt"):
+        if (folder.path / name).exists():
+            tracker.log_artifact(folder.path / name)
+    for lora in sorted((folder.path / "lora").glob("*.safetensors")):
+        tracker.log_artifact(lora, "lora")
+    tracker.end(status)
+
+
+def _dataset_dirs(items: list[ImageItem]) -> dict[str, dict[str, int]]:
+    dirs: dict[str, dict[str, int]] = {}
+    for item in items:
+        entry = dirs.setdefault(item.path.parent.name, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return dirs
+
+
+class _Recorder:
+    """Fans the loop's results out to the run folder, MLflow and the progress bar."""
+
+    def __init__(self, folder: RunFolder, tracker: MlflowRun | None) -> None:
+        self.folder = folder
+        self.tracker = tracker
+        self.progress_bar: TrainProgress | None = None
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        self.folder.log_metrics(step, values)
+        if self.tracker is not None:
+            self.tracker.log_metrics(step, values)
+            self.tracker.flush()
+        if "val_loss" in values:
+            log.info("step %d: val_loss %.6f", step, values["val_loss"])
+
+    def samples(self, step: int, samples: list[Sample]) -> None:
+        out = self.folder.path / "samples" / f"{step:06d}"
+        out.mkdir(parents=True, exist_ok=True)
+        for sample in samples:
+            tmp = out / f".{sample.file_name}.tmp.png"
+            sample.image.save(tmp)
+            tmp.replace(out / sample.file_name)
+            if self.tracker is not None:
+                self.tracker.log_image(sample.image, key=sample.key, step=step)
+
+    def progress(self, step: int, total: int, loss: float | None) -> None:
+        if self.progress_bar is not None:
+            self.progress_bar.update(step, total, loss)

@@ -1,0 +1,144 @@
+"""``lorasweep reproduce``: re-run a run from its own saved config, and optionally prove it matches.
+
+The source is a run folder (``config.yaml`` + ``run.json`` + the LoRA) or an MLflow run id (the same three
+come from its artifacts and metrics), so a run can be reproduced from the tracking server alone.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorasweep.errors import UserError
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the original run left: its config, LoRA file, validation loss and identity."""
+
+    config_path: Path
+    lora_path: Path | None
+    val_loss: float | None
+    label: str
+    run_dir: Path | None
+    mlflow_run_id: str | None
+
+
+def _from_folder(folder: Path) -> Source:
+    import json
+
+    config = folder / "config.yaml"
+    if not config.is_file():
+        raise UserError(str(folder), "is not a lorasweep run folder (no config.yaml).",
+                        "Give the folder printed as 'Run folder:' at the end of `lorasweep train`, or an MLflow "
+                        "run id.")
+    record = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    lora = folder / record["lora"] if record.get("lora") else None
+    run_id = (record.get("mlflow") or {}).get("run_id")
+    return Source(config, lora, record.get("val_loss"), str(folder), folder, run_id)
+
+
+def _from_mlflow(run_id: str, tracking_uri: str | None) -> Source:
+    import os
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from lorasweep.tracking.mlflow_run import default_tracking_uri
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path("outputs"))
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError("reproduce", f"no MLflow run {run_id} in {uri}.",
+                        "Pass --tracking-uri for another store, or give the run folder instead.") from None
+    dest = Path(f"outputs/.reproduce-{run_id}-{time.time_ns()}")
+    dest.mkdir(parents=True)
+    config = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml",
+                                                      dst_path=str(dest), tracking_uri=uri))
+    loras = [a.path for a in client.list_artifacts(run_id, "lora") if a.path.endswith(".safetensors")]
+    lora = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=loras[0], dst_path=str(dest),
+                                                    tracking_uri=uri)) if loras else None
+    run_dir = run.data.tags.get("lorasweep.run_dir")
+    return Source(config, lora, run.data.metrics.get("val_loss"), f"MLflow run {run_id}",
+                  Path(run_dir) if run_dir and Path(run_dir).is_dir() else None, run_id)
+
+
+def reproduce(source: str, *, check: bool, tracking_uri: str | None = None) -> int:
+    """Re-run ``source`` into a new run folder and MLflow run tagged as its reproduction."""
+    from omegaconf import OmegaConf
+
+    from lorasweep.app import register
+    from lorasweep.config.train import to_train_config
+    from lorasweep.job import preflight, run_job
+    from lorasweep.tracking.console import print_summary
+    from lorasweep.tracking.files import create_unique_dir
+
+    path = Path(source)
+    if path.exists():
+        src = _from_folder(path)
+    elif _RUN_ID.match(source):
+        src = _from_mlflow(source, tracking_uri)
+    else:
+        raise UserError("reproduce", f"{source} is neither a run folder nor an MLflow run id.",
+                        "Give the run folder printed at the end of `lorasweep train`, or a 32-hex MLflow run id.")
+    register()
+    cfg = OmegaConf.load(src.config_path)
+    checked = preflight(to_train_config(cfg))
+    root = Path(checked.config.output.root)
+    run_dir = create_unique_dir(root / "runs" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_"
+                                f"{checked.config.output.run_name}-repro")
+    if src.run_dir is not None and (src.run_dir / ".hydra").is_dir():
+        shutil.copytree(src.run_dir / ".hydra", run_dir / ".hydra")
+    tags = {"lorasweep.reproduction_of": src.mlflow_run_id or src.label}
+    if src.run_dir is not None:
+        tags["lorasweep.reproduction_of_dir"] = str(src.run_dir.resolve())
+    result = run_job(cfg, run_dir, tags=tags, checked=checked)
+    print_summary(result.run_dir, result.val_loss_start, result.val_loss, result.lora_path, result.tracking_uri)
+    if check:
+        return print_check(src, result.lora_path, result.val_loss)
+    return 0
+
+
+def compare_loras(a: Path, b: Path) -> dict[str, float]:
+    """Max |a - b| per tensor (float64); a key present in only one file counts as infinitely different."""
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    diffs = {}
+    for key in sorted(set(ta) | set(tb)):
+        if key not in ta or key not in tb or ta[key].shape != tb[key].shape:
+            diffs[key] = float("inf")
+        else:
+            diffs[key] = float((ta[key].double() - tb[key].double()).abs().max()) if ta[key].numel() else 0.0
+    return diffs
+
+
+def print_check(src: Source, new_lora: Path, new_val: float) -> int:
+    """Print the per-tensor table and the summary line; exit code 0 when identical, 1 otherwise."""
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False, soft_wrap=True)
+    if src.lora_path is None or not src.lora_path.is_file():
+        raise UserError(src.label, "has no LoRA file to compare with.", "Reproduce without --check.")
+    diffs = compare_loras(src.lora_path, new_lora)
+    table = Table(title=f"reproduce --check: {src.label}")
+    table.add_column("tensor")
+    table.add_column("max |diff|", justify="right")
+    for key, value in diffs.items():
+        table.add_row(key, f"{value:.3g}")
+    out.print(table)
+    lora_max = max(diffs.values(), default=0.0)
+    val_diff = abs(new_val - src.val_loss) if src.val_loss is not None else float("nan")
+    out.print(f"LoRA tensors: {len(diffs)}, max abs difference {lora_max!r}")
+    out.print(f"Validation loss: original {src.val_loss!r}, reproduction {new_val!r}, abs difference {val_diff!r}")
+    identical = lora_max == 0.0 and val_diff == 0.0
+    out.print("bitwise identical" if identical else "NOT identical")
+    return 0 if identical else 1
