@@ -1,0 +1,309 @@
+"""Put peft LoRA adapters on a Stable Diffusion UNet / CLIP text encoder, and take them off again.
+
+Why ``peft.inject_adapter_in_model`` and not ``unet.add_adapter`` / ``text_encoder.add_adapter``:
+diffusers' ``add_adapter`` is only inject + bookkeeping (``_hf_peft_config_loaded``, ``set_adapter``), and
+transformers' ``add_adapter`` refuses peft 0.21 on transformers 5.24. Calling peft directly behaves the
+same on both components and on every version pair we allow.
+
+Why explicit full module names as peft ``target_modules``: peft matches list entries by suffix, so a
+pattern such as ``to_q`` or ``proj_out`` could also catch modules outside the transformer blocks (and
+``linear_1``-style names would catch the time embedding). Full names make the adapted set exactly the
+kohya set, which is also what the exported file's keys must describe.
+
+Determinism: peft creates each ``lora_A`` on the CPU (then moves it next to the base weight) and fills it
+with ``kaiming_uniform_`` from torch's *global CPU generator*; ``lora_B`` is zeros. So the init is a
+function of the seed the caller passed to ``torch.manual_seed`` and of the module order (UNet first, then
+text encoder, each in ``named_modules`` order). Pass ``seed=`` to :func:`inject_lora` to make it a function
+of that seed alone, without consuming the caller's global random stream. (A caller that sets
+``torch.set_default_device('cuda')`` moves the init onto the CUDA generator instead.)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from lorasweep.config.network import TARGETS, NetworkConfig
+from lorasweep.errors import UserError
+from lorasweep.network.kohya import ADAPTER_NAME, from_kohya_state_dict, lora_layers, to_kohya_state_dict
+
+_UNET_ATTENTION = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+_TE_BLOCK = re.compile(r"(^|\.)encoder\.layers\.\d+\.(self_attn|mlp)$")
+_TE_ATTENTION_LEAVES = ("q_proj", "k_proj", "v_proj", "out_proj")
+_MISSING = object()
+
+
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise UserError("network.target", f"is {target!r}; expected one of {', '.join(TARGETS)}.")
+
+
+def _base(module: nn.Module) -> nn.Module:
+    """The module peft wraps, so target discovery gives the same names before and after injection."""
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _adaptable(module: nn.Module) -> bool:
+    """kohya's rule: a Linear, or a Conv2d with a 1×1 kernel (SD-1.x ``proj_in``/``proj_out``)."""
+    module = _base(module)
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+
+
+def _named_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` that yields a peft wrapper as one leaf instead of descending into its
+    ``base_layer``/``lora_A``/``lora_B`` (those are not part of the base model's module tree)."""
+    yield prefix, model
+    if isinstance(model, BaseTunerLayer):
+        return
+    for name, child in model.named_children():
+        yield from _named_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+def unet_target_modules(unet: nn.Module, target: str) -> list[str]:
+    """Full names of the UNet modules that get LoRA, in module order.
+
+    ``kohya``: every Linear and 1×1 Conv2d inside a ``Transformer2DModel`` (kohya's
+    ``UNET_TARGET_REPLACE_MODULE``): attn1/attn2 q/k/v/out.0, ff.net.0.proj, ff.net.2, proj_in, proj_out;
+    12 per transformer model, 192 on SD-1.5. ``attention``: the attn1/attn2 q/k/v/out.0 projections only
+    (8 per transformer model). Time embedding and ResNet ``time_emb_proj`` Linears are never included.
+    """
+    _check_target(target)
+    names: list[str] = []
+    seen: set[str] = set()
+    for name, module in _named_modules(unet):
+        if type(module).__name__ != "Transformer2DModel":
+            continue
+        for child_name, child in _named_modules(module):
+            if not child_name or not _adaptable(child):
+                continue
+            if target == "attention" and not _UNET_ATTENTION.search(child_name):
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            if full not in seen:
+                seen.add(full)
+                names.append(full)
+    return names
+
+
+def text_encoder_target_modules(text_encoder: nn.Module, target: str) -> list[str]:
+    """Full names of the CLIP text-encoder modules that get LoRA, in module order.
+
+    ``kohya``: every Linear of each encoder layer's ``self_attn`` (q/k/v/out_proj) and ``mlp`` (fc1/fc2),
+    6 per layer, 72 on SD-1.5; ``attention``: the four ``self_attn`` projections only. Matched on the module
+    path rather than kohya's class names (``CLIPAttention``/``CLIPSdpaAttention``), which change across
+    transformers versions.
+    """
+    _check_target(target)
+    names: list[str] = []
+    for name, module in _named_modules(text_encoder):
+        match = _TE_BLOCK.search(name)
+        if match is None:
+            continue
+        for child_name, child in module.named_children():
+            if not _adaptable(child):
+                continue
+            if target == "attention" and (
+                match.group(2) != "self_attn" or child_name not in _TE_ATTENTION_LEAVES
+            ):
+                continue
+            names.append(f"{name}.{child_name}")
+    return names
+
+
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Run under ``torch.manual_seed(seed)`` without disturbing the caller's CPU random stream."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _lora_params(model: nn.Module | None, adapter_name: str) -> list[nn.Parameter]:
+    params: list[nn.Parameter] = []
+    for _, layer in lora_layers(model, adapter_name):
+        params.extend(layer.lora_A[adapter_name].parameters())
+        params.extend(layer.lora_B[adapter_name].parameters())
+    return params
+
+
+def _inject(model: nn.Module, targets: list[str], cfg: NetworkConfig, adapter_name: str) -> None:
+    config = LoraConfig(
+        r=cfg.dim,
+        lora_alpha=cfg.effective_alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        init_lora_weights=True,  # A: kaiming-uniform, B: zeros, so the injected model equals the base
+        bias="none",
+    )
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    got = [name for name, _ in lora_layers(model, adapter_name)]
+    if sorted(got) != sorted(targets):  # peft matches by suffix; make sure it hit exactly our list
+        extra, missing = sorted(set(got) - set(targets)), sorted(set(targets) - set(got))
+        raise RuntimeError(f"peft adapted an unexpected module set: extra={extra[:5]} missing={missing[:5]}")
+
+
+@dataclass(eq=False)  # identity semantics: it holds live models
+class LoraNetwork:
+    """Handles on the LoRA injected by :func:`inject_lora`; also the only way to take it off again."""
+
+    unet: nn.Module
+    text_encoder: nn.Module
+    cfg: NetworkConfig
+    unet_modules: list[str]
+    """Full names of the adapted UNet modules (empty when ``cfg.train_unet`` is false)."""
+    text_encoder_modules: list[str]
+    """Full names of the adapted text-encoder modules (empty when ``cfg.train_text_encoder`` is false)."""
+    adapter_name: str = ADAPTER_NAME
+    _requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list, repr=False)
+    _peft_config: dict[int, object] = field(default_factory=dict, repr=False)
+    removed: bool = False
+
+    def _check_live(self) -> None:
+        if self.removed:
+            raise RuntimeError("this LoRA network was removed; inject a new one")
+
+    def unet_params(self) -> list[nn.Parameter]:
+        """Trainable UNet LoRA tensors (lora_A, lora_B per module), for their own optimizer param group."""
+        self._check_live()
+        return _lora_params(self.unet if self.unet_modules else None, self.adapter_name)
+
+    def text_encoder_params(self) -> list[nn.Parameter]:
+        """Trainable text-encoder LoRA tensors, separate so the TE can get its own learning rate."""
+        self._check_live()
+        return _lora_params(self.text_encoder if self.text_encoder_modules else None, self.adapter_name)
+
+    def state_dict(self, dtype: torch.dtype | str = torch.float32) -> dict[str, torch.Tensor]:
+        """The network in kohya format (``lora_unet_*``/``lora_te_*``), ready for ``save_lora_file``."""
+        self._check_live()
+        return to_kohya_state_dict(
+            self.unet if self.unet_modules else None,
+            self.text_encoder if self.text_encoder_modules else None,
+            alpha=self.cfg.effective_alpha,
+            dtype=dtype,
+            adapter_name=self.adapter_name,
+        )
+
+    def load_kohya_state_dict(
+        self, tensors: Mapping[str, torch.Tensor], source: str = "LoRA init file"
+    ) -> None:
+        """Initialise the LoRA from a kohya file's tensors; rank, alpha and modules must match the config."""
+        self._check_live()
+        from_kohya_state_dict(
+            self.unet if self.unet_modules else None,
+            self.text_encoder if self.text_encoder_modules else None,
+            tensors,
+            alpha=self.cfg.effective_alpha,
+            dim=self.cfg.dim,
+            adapter_name=self.adapter_name,
+            source=source,
+        )
+
+    def remove(self) -> None:
+        """Unload the adapters and put the pristine base modules back.
+
+        Every peft wrapper is replaced by the very module object it wrapped (no merge, no copy), so the
+        base ``state_dict`` is bitwise what it was before injection and one loaded base model can serve
+        many trials. ``requires_grad`` flags and any previous ``peft_config`` attribute are restored too.
+        Idempotent.
+        """
+        if self.removed:
+            return
+        for model in (self.unet, self.text_encoder):
+            wrapped = [name for name, module in _named_modules(model) if isinstance(module, BaseTunerLayer)]
+            for name in wrapped:
+                parent_name, _, child_name = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                setattr(parent, child_name, _base(getattr(parent, child_name)))
+            previous = self._peft_config.get(id(model), _MISSING)
+            if previous is _MISSING:
+                if "peft_config" in vars(model):
+                    del model.peft_config
+            else:
+                model.peft_config = previous
+        for param, flag in self._requires_grad:
+            param.requires_grad_(flag)
+        self._requires_grad.clear()
+        self.removed = True
+
+
+def inject_lora(
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    cfg: NetworkConfig,
+    *,
+    seed: int | None = None,
+    adapter_name: str = ADAPTER_NAME,
+) -> LoraNetwork:
+    """Freeze both models and add LoRA (r=dim, alpha, dropout) to the components ``cfg`` trains.
+
+    The initial network is the identity (``lora_B`` = 0), so the injected model's outputs equal the base
+    model's. LoRA tensors are float32 whatever the base dtype: with an fp16 base, fp16 trainable tensors
+    would make AMP's grad scaler refuse to unscale (and lose small updates). ``seed``: see the module doc.
+    """
+    cfg.validate()
+    if not (cfg.train_unet or cfg.train_text_encoder):
+        raise UserError(
+            "network",
+            "train_unet and train_text_encoder are both false: nothing to train.",
+            "Set network.train_unet=true and/or network.train_text_encoder=true.",
+        )
+    for label, model in (("UNet", unet), ("text encoder", text_encoder)):
+        if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            raise RuntimeError(
+                f"the {label} already carries LoRA layers; remove() the previous network first"
+            )
+
+    unet_names = unet_target_modules(unet, cfg.target) if cfg.train_unet else []
+    te_names = text_encoder_target_modules(text_encoder, cfg.target) if cfg.train_text_encoder else []
+    if cfg.train_unet and not unet_names:
+        raise UserError(
+            "network.target",
+            f"found no {cfg.target} modules in the UNet.",
+            "Is this an SD-1.x/2.x UNet2DConditionModel with Transformer2DModel blocks?",
+        )
+    if cfg.train_text_encoder and not te_names:
+        raise UserError(
+            "network.target",
+            f"found no {cfg.target} modules in the text encoder.",
+            "Is this a CLIP text encoder (text_model.encoder.layers.N)?",
+        )
+
+    network = LoraNetwork(
+        unet=unet,
+        text_encoder=text_encoder,
+        cfg=cfg,
+        unet_modules=unet_names,
+        text_encoder_modules=te_names,
+        adapter_name=adapter_name,
+    )
+    for model in (unet, text_encoder):
+        network._requires_grad.extend((p, p.requires_grad) for p in model.parameters())
+        network._peft_config[id(model)] = vars(model).get("peft_config", _MISSING)
+        model.requires_grad_(False)
+
+    try:
+        with _seeded(seed):
+            if unet_names:
+                _inject(unet, unet_names, cfg, adapter_name)
+            if te_names:
+                _inject(text_encoder, te_names, cfg, adapter_name)
+    except BaseException:
+        network.remove()
+        raise
+
+    for param in network.unet_params() + network.text_encoder_params():
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    return network
