@@ -35,7 +35,7 @@ def register() -> None:
 def compose_config(overrides: list[str]) -> DictConfig:
     """Compose ``train.yaml`` with ``overrides`` (Hydra grammar), turning composition errors into UserErrors."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
     from lorasweep.config.errors import describe_omegaconf_error
@@ -44,6 +44,12 @@ def compose_config(overrides: list[str]) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=VERSION_BASE, job_name="train"):
             return compose(CONFIG_NAME, overrides=overrides)
+    except MissingConfigException as exc:
+        group = (exc.missing_cfg_file or "").rsplit("/", 1)
+        if len(group) == 2 and exc.options:
+            raise UserError(group[0], f"there is no option {group[1]!r}.",
+                            f"Choose one of: {', '.join(exc.options)}.") from None
+        raise UserError("command line", " ".join(str(exc).split()), "") from None
     except HydraException as exc:
         cause = exc.__cause__
         if isinstance(cause, OmegaConfBaseException):

@@ -24,8 +24,8 @@ class DataConfig:
     """Extension of the caption file beside each image (``.txt``, ``.caption``)."""
 
     cache_latents: bool = True
-    """Encode every image with the VAE once, before training, and reuse those latents (the VAE is frozen,
-    so this only saves time). false = encode each batch anew."""
+    """Encode every image with the VAE once, before training, and reuse that posterior sample (the VAE is
+    frozen, so this mostly saves time). false = encode each batch anew with a fresh posterior sample."""
 
     def validate(self, key: str = "data") -> None:
         check_range(f"{key}.resolution", self.resolution, low=8, high=4096)

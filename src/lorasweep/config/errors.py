@@ -18,7 +18,7 @@ def _known_keys(object_type: type | None) -> str:
 def describe_omegaconf_error(exc: OmegaConfBaseException) -> tuple[str, str, str]:
     """Return (key, problem, hint) for an OmegaConf error raised while merging or converting a config."""
     full_key = getattr(exc, "full_key", None) or "config"
-    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    msg = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()[0]
     if isinstance(exc, ConfigKeyError | ConfigAttributeError):
         parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
         keys = _known_keys(getattr(exc, "object_type", None))

@@ -73,7 +73,11 @@ def to_train_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
     from lorasweep.config.errors import omegaconf_errors_as_user_errors
 
     with omegaconf_errors_as_user_errors():
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        schema = OmegaConf.structured(TrainConfig)
+        OmegaConf.set_struct(schema, True)  # an unknown key anywhere is an error, also at the top level
+        # A plain copy first: a composed config already typed TrainConfig may carry keys added with `+`.
+        plain = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+        merged = OmegaConf.merge(schema, plain)
         obj = OmegaConf.to_object(merged)
     assert isinstance(obj, TrainConfig)
     obj.validate()

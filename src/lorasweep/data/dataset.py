@@ -69,6 +69,7 @@ def scan_folder(root: Path, caption_extension: str, key: str = "data.train_dir")
         for image_path in sorted(concept_dir.iterdir()):
             if image_path.suffix.lower() not in IMAGE_EXTENSIONS or not image_path.is_file():
                 continue
+            check_readable(image_path)
             caption_path = image_path.with_suffix(caption_extension)
             if caption_path.is_file():
                 caption = caption_path.read_text(encoding="utf-8").strip()
@@ -99,6 +100,16 @@ def split_validation(items: list[ImageItem], fraction: float, seed: int) -> tupl
     train = [it for i, it in enumerate(items) if i not in val_idx]
     val = [it for i, it in enumerate(items) if i in val_idx]
     return train, val
+
+
+def check_readable(path: Path) -> None:
+    """Fail before training, naming the file, rather than at the step that first loads it."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise UserError(str(path), f"cannot be read as an image ({exc}).",
+                        "Remove or replace the file, or move it out of the training folder.") from None
 
 
 def load_pixels(path: Path, resolution: int) -> torch.Tensor:

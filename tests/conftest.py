@@ -1,0 +1,101 @@
+"""Session-wide fixtures: the tiny model and one trained run are built once and shared by every test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("MLFLOW_RUN_ID", None)
+
+REPO = Path(__file__).resolve().parent.parent
+LORASWEEP = [sys.executable, "-m", "lorasweep.cli"]
+
+# Small but real runs: enough steps for the validation loss to fall, few enough for CI.
+FAST = ["training.max_steps=40", "validation.every_n_steps=20", "sampling.every_n_steps=20",
+        "sampling.num_inference_steps=4", "sampling.seeds=[0]"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model/data cache. Set LORASWEEP_TEST_CACHE to keep it between local test sessions."""
+    path = Path(os.environ.get("LORASWEEP_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
+    os.environ["LORASWEEP_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cache_dir: Path) -> Path:
+    from lorasweep.models.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(cache_dir)
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run ``lorasweep`` in a fresh process, as a user would."""
+    return subprocess.run([*LORASWEEP, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """One `lorasweep train` run on the embedded default, shared by the run-folder, MLflow, export and
+    reproduce tests."""
+    work = tmp_path_factory.mktemp("trained")
+    proc = run_cli(["train", *FAST], cwd=work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = sorted((work / "outputs" / "runs").iterdir())
+    assert len(runs) == 1
+    return {"work": work, "run_dir": runs[0], "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on a free 127.0.0.1 port with its own sqlite store and artifact root."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    log = open(root / "server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("mlflow server did not start:\n" + (root / "server.log").read_text())
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
