@@ -66,10 +66,23 @@ def resolve_base(cfg: ModelConfig) -> tuple[str, Path | None]:
                     "stable-diffusion-v1-5/stable-diffusion-v1-5 (needs network), or `tiny`.")
 
 
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers' load-time progress bars and advice out of the training output."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def load_base_model(cfg: ModelConfig) -> BaseModel:
     """Load every part in float32 on the CPU; the trainer moves them to the device and dtype it needs."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    quiet_libraries()
 
     model_id, folder = resolve_base(cfg)
     if cfg.base == TINY:
@@ -79,9 +92,11 @@ def load_base_model(cfg: ModelConfig) -> BaseModel:
     source: str = str(folder) if folder is not None else cfg.base
     local = folder is not None
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=local)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=local)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=local)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=local,
+                                                    torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=local, torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=local,
+                                                     dtype=torch.float32)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=local)
     except (OSError, ValueError) as exc:
@@ -92,5 +107,4 @@ def load_base_model(cfg: ModelConfig) -> BaseModel:
         raise UserError("model.base", f"could not load {source}: {first}", hint) from None
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
-        module.to(dtype=torch.float32)
     return BaseModel(unet, vae, text_encoder, tokenizer, noise_scheduler, model_id, folder)
