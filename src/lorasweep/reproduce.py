@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ def _from_folder(folder: Path) -> Source:
     return Source(config, lora, record.get("val_loss"), str(folder), folder, run_id)
 
 
-def _from_mlflow(run_id: str, tracking_uri: str | None) -> Source:
+def _from_mlflow(run_id: str, tracking_uri: str | None, dest: Path) -> Source:
     import os
 
     import mlflow
@@ -58,8 +59,6 @@ def _from_mlflow(run_id: str, tracking_uri: str | None) -> Source:
     except mlflow.exceptions.MlflowException:
         raise UserError("reproduce", f"no MLflow run {run_id} in {uri}.",
                         "Pass --tracking-uri for another store, or give the run folder instead.") from None
-    dest = Path(f"outputs/.reproduce-{run_id}-{time.time_ns()}")
-    dest.mkdir(parents=True)
     config = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml",
                                                       dst_path=str(dest), tracking_uri=uri))
     loras = [a.path for a in client.list_artifacts(run_id, "lora") if a.path.endswith(".safetensors")]
@@ -72,6 +71,20 @@ def _from_mlflow(run_id: str, tracking_uri: str | None) -> Source:
 
 def reproduce(source: str, *, check: bool, tracking_uri: str | None = None) -> int:
     """Re-run ``source`` into a new run folder and MLflow run tagged as its reproduction."""
+    with tempfile.TemporaryDirectory(prefix="lorasweep-reproduce-") as tmp:
+        path = Path(source)
+        if path.exists():
+            src = _from_folder(path)
+        elif _RUN_ID.match(source):
+            src = _from_mlflow(source, tracking_uri, Path(tmp))
+        else:
+            raise UserError("reproduce", f"{source} is neither a run folder nor an MLflow run id.",
+                            "Give the run folder printed at the end of `lorasweep train`, or a 32-hex MLflow "
+                            "run id.")
+        return _rerun(src, check=check)
+
+
+def _rerun(src: Source, *, check: bool) -> int:
     from omegaconf import OmegaConf
 
     from lorasweep.app import register
@@ -80,14 +93,6 @@ def reproduce(source: str, *, check: bool, tracking_uri: str | None = None) -> i
     from lorasweep.tracking.console import print_summary
     from lorasweep.tracking.files import create_unique_dir
 
-    path = Path(source)
-    if path.exists():
-        src = _from_folder(path)
-    elif _RUN_ID.match(source):
-        src = _from_mlflow(source, tracking_uri)
-    else:
-        raise UserError("reproduce", f"{source} is neither a run folder nor an MLflow run id.",
-                        "Give the run folder printed at the end of `lorasweep train`, or a 32-hex MLflow run id.")
     register()
     cfg = OmegaConf.load(src.config_path)
     checked = preflight(to_train_config(cfg))

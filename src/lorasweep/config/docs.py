@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import itertools
 import textwrap
 import typing
 
@@ -19,7 +20,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:], strict=False):
+    for node, nxt in itertools.pairwise(body):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                 and isinstance(nxt.value.value, str)):
@@ -49,7 +50,8 @@ def render() -> str:
         lines += [f"## `{group}`", "", " ".join((cls.__doc__ or "").split()), "",
                   "| key | type | default | meaning |", "|---|---|---|---|"]
         for field in dataclasses.fields(cls):
-            type_name = str(hints[field.name]).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("|", "\\|")
+            type_name = str(hints[field.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            type_name = type_name.replace("|", "\\|")
             doc = docs.get(field.name, "").replace("|", "\\|")
             lines.append(f"| `{group}.{field.name}` | `{type_name}` | {_default(field)} | {doc} |")
         lines.append("")
