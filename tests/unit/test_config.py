@@ -60,7 +60,7 @@ def test_unknown_key_in_saved_config_is_an_error() -> None:
 
 
 def test_fp16_on_cpu_is_refused() -> None:
-    with pytest.raises(UserError, match="precision.mixed"):
+    with pytest.raises(UserError, match=r"precision\.mixed"):
         to_train_config(compose_config(["precision=fp16", "training.device=cpu"]))
 
 

@@ -67,7 +67,7 @@ def test_split_is_seeded_and_disjoint(tmp_path: Path) -> None:
 
 def test_split_needs_two_images(tmp_path: Path) -> None:
     _make(tmp_path / "1_x", "a")
-    with pytest.raises(UserError, match="validation.split"):
+    with pytest.raises(UserError, match=r"validation\.split"):
         split_validation(scan_folder(tmp_path, ".txt").items, 0.25, seed=0)
 
 
