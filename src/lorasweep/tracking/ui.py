@@ -30,6 +30,8 @@ def run_ui(output_root: str, uri: str | None, host: str, port: int) -> int:
     cmd = ui_command(output_root, uri, host, port)
     print(f"MLflow UI: http://{host}:{port}  (store {cmd[cmd.index('--backend-store-uri') + 1]}; Ctrl-C stops)")
     try:
-        return subprocess.call(cmd)
+        # The UI needs no GenAI job runners (several busy processes); the user can still turn them on.
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+        return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
         return 0
