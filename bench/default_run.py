@@ -51,7 +51,7 @@ def main() -> None:
         lr_rows = []
         for lr in ("1e-5", None, "1e-1"):
             overrides = [] if lr is None else [f"optimizer.lr={lr}"]
-            _, rec = warm if lr is None else train(work, cache, *overrides)
+            rec = warm if lr is None else train(work, cache, *overrides)[1]
             lr_rows.append({"lr": lr or "default", "val_loss_start": rec["val_loss_start"],
                             "val_loss_end": rec["val_loss"]})
     result = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",

@@ -65,7 +65,23 @@ def test_metrics_file(run_dir: Path) -> None:
 
 
 def test_validation_loss_falls(record: dict) -> None:
-    assert record["val_loss"] < record["val_loss_start"] * 0.97, record["val_history"]
+    """40 steps of the default lr lower the held-out loss by ~2.6% (300 steps, the default run: ~7%)."""
+    history = [v for _, v in record["val_history"]]
+    assert history == sorted(history, reverse=True), history
+    assert record["val_loss"] < record["val_loss_start"] * 0.985, history
+
+
+def test_learning_rate_matters(record: dict, tmp_path: Path) -> None:
+    """A too small lr barely moves the loss, a too large one wrecks it; the default beats both."""
+    results = {}
+    for lr in ("1e-5", "1e-1"):
+        proc = run_cli(["train", *FAST, f"optimizer.lr={lr}", "sampling.enabled=false", "tracking.enabled=false",
+                        f"output.root={tmp_path / lr}"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        run = next((tmp_path / lr / "runs").iterdir())
+        results[lr] = json.loads((run / "run.json").read_text())["val_loss"]
+    assert record["val_loss"] < results["1e-5"] < record["val_loss_start"]
+    assert results["1e-1"] > record["val_loss_start"]
 
 
 def test_mlflow_run(client: MlflowClient, record: dict, run_dir: Path) -> None:
