@@ -54,6 +54,7 @@ def attach_log_handlers(log_file: Path, console: Console) -> list[logging.Handle
     term_handler = RichHandler(console=console, show_path=False, show_time=False, level=logging.WARNING)
     logger = logging.getLogger("lorasweep")
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # Hydra puts an INFO console handler on the root logger; ours decide alone
     for handler in (file_handler, term_handler):
         logger.addHandler(handler)
     return [file_handler, term_handler]
@@ -64,6 +65,7 @@ def detach_log_handlers(handlers: list[logging.Handler]) -> None:
     for handler in handlers:
         logger.removeHandler(handler)
         handler.close()
+    logger.propagate = True
 
 
 def print_summary(run_dir: Path, val_start: float, val_end: float, lora: Path, uri: str | None) -> None:
