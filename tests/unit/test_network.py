@@ -24,6 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lorasweep.config.network import NetworkConfig
 from lorasweep.errors import UserError
+from lorasweep.models.tokenizer import bytes_to_unicode
 from lorasweep.network.kohya import (
     load_lora_file,
     save_lora_file,
@@ -64,23 +65,10 @@ TRANSFORMER_MODELS = [
 ]
 
 
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's byte-level alphabet: one printable char per byte, as in GPT-2/CLIP BPE vocabularies."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
 def _write_tokenizer(folder: Path) -> CLIPTokenizer:
     """A character-level CLIP tokenizer (no merges): a real CLIPTokenizer without any download."""
     folder.mkdir(parents=True)
-    chars = _bytes_to_unicode()
+    chars = list(bytes_to_unicode().values())
     tokens = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
