@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from lorasweep.errors import UserError
+from lorasweep.tracking.files import install_dir
 
 __all__ = [
     "BACKGROUNDS",
@@ -344,14 +344,7 @@ def write_concept_dataset(root: Path, *, n_images: int = 32, repeats: int = 4, s
                     files[f"{folder.name}/{name}"] = hashlib.sha256(payload).hexdigest()
             manifest = {"params": params, "files": files}
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a data set should be readable like any folder
-            if root.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-                os.replace(root, old / "data")
-                os.replace(tmp, root)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, root)
+            install_dir(tmp, root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -56,6 +55,7 @@ import torch.nn.functional as F
 from filelock import FileLock
 
 from lorasweep.data.synthetic import IMAGE_SIZE, base_world_samples
+from lorasweep.tracking.files import install_dir
 
 __all__ = [
     "LATENT_SIZE",
@@ -536,14 +536,7 @@ def ensure_tiny_model(cache_root: Path, *, vae_steps: int | None = None, unet_st
         try:
             log.info("building the tiny SD-1.x model into %s (one time, about a minute)", target)
             build_tiny_model(tmp, **steps)
-            os.chmod(tmp, 0o755)
-            if target.exists():  # incomplete or damaged: move aside, then replace
-                trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-                os.replace(target, trash / "old")
-                os.replace(tmp, target)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            install_dir(tmp, target)  # replaces an incomplete or damaged folder
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +63,17 @@ def create_unique_dir(path: Path) -> Path:
         except OSError as exc:
             raise UserError("output.root", f"cannot create {candidate} ({exc.strerror}).",
                             "Choose a writable folder with `output.root=<path>`.") from None
+
+
+def install_dir(tmp: Path, target: Path) -> None:
+    """Put a fully written temporary folder at ``target`` by rename, so readers see the old folder or the
+    new one, never a half-written one. A folder already at ``target`` (incomplete or outdated: callers
+    decide) is moved aside first and then deleted."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a cache folder should be readable like any folder
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-old-", dir=target.parent))
+        os.replace(target, aside / "old")
+        os.replace(tmp, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
