@@ -19,7 +19,7 @@ from lorasweep.data.synthetic import DEFAULT_PROMPTS, WORDS
 from lorasweep.models import tiny
 from lorasweep.models.tokenizer import MODEL_MAX_LENGTH, VOCAB_WORDS, build_tokenizer
 
-FEW = {"vae_steps": 2, "unet_steps": 2}
+FEW = {"vae_steps": 2, "text_steps": 2, "unet_steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -183,4 +183,4 @@ def test_ensure_rebuilds_a_damaged_cache(tmp_path: Path, built: tuple[Path, dict
 def test_default_folder_name_and_real_step_counts(tmp_path: Path) -> None:
     assert tiny.tiny_model_dir(tmp_path) == tmp_path / "models" / f"tiny-sd1-v{tiny.TINY_VERSION}"
     assert tiny.tiny_model_dir(tmp_path, vae_steps=tiny.VAE_STEPS) == tiny.tiny_model_dir(tmp_path)
-    assert tiny.VAE_STEPS >= 350 and tiny.UNET_STEPS >= 100
+    assert tiny.VAE_STEPS >= 350 and tiny.TEXT_STEPS >= 100 and tiny.UNET_STEPS >= 300
