@@ -82,24 +82,61 @@ def train_main(args: list[str]) -> int:
         except UserError as exc:
             return report_user_error(exc)
 
-    def task(cfg: DictConfig) -> float:
+    def task(cfg: DictConfig) -> dict[str, float]:
+        from lorasweep.sweeping.parent import child_tags
         from lorasweep.tracking.console import print_summary
 
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
         tags = {"hydra.job.name": hydra_cfg.job.name}
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            tags["hydra.job.num"] = str(hydra_cfg.job.num)
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        if multirun:
+            tags.update(child_tags(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num))
         try:
-            result = run_job(cfg, run_dir, tags=tags, checked=checked)
+            result = run_job(cfg, run_dir, tags=tags, checked=checked, show_progress=not multirun)
         except UserError as exc:
-            if hydra_cfg.mode == RunMode.MULTIRUN:
+            if multirun:
                 raise
             sys.exit(report_user_error(exc))
-        print_summary(result.run_dir, result.val_loss_start, result.val_loss, result.lora_path,
-                      result.tracking_uri)
-        return result.val_loss
+        if not multirun:
+            print_summary(result.run_dir, result.val_loss_start, result.val_loss, result.lora_path,
+                          result.tracking_uri)
+        return result.objectives
 
     sys.argv = ["lorasweep train", *args]
     hydra.main(version_base=VERSION_BASE, config_path=str(conf_dir()), config_name=CONFIG_NAME)(task)()
     return 0
+
+
+def presets() -> dict[str, str]:
+    """Sweep presets (``sweeps/*.yaml``) and the first comment line of each."""
+    from lorasweep.config.paths import sweeps_dir
+
+    found = {}
+    for path in sorted(sweeps_dir().glob("*.yaml")):
+        lines = [line[1:].strip() for line in path.read_text().splitlines()
+                 if line.startswith("#") and "@package" not in line]
+        found[path.stem] = lines[0] if lines else ""
+    return found
+
+
+def sweep_main(args: list[str]) -> int:
+    """``lorasweep sweep PRESET [overrides]``: a multirun with the preset added to the defaults."""
+    from lorasweep.config.paths import sweeps_dir
+
+    known = presets()
+    if not args or args[0] in ("--list", "-l", "--help", "-h"):
+        print("sweep presets (lorasweep sweep PRESET [overrides]):")
+        for name, about in known.items():
+            print(f"  {name:<16} {about}")
+        return 0 if args else 2
+    preset, rest = args[0], args[1:]
+    if preset not in known:
+        import difflib
+
+        close = difflib.get_close_matches(preset, list(known), n=1)
+        hint = f"Did you mean `{close[0]}`? " if close else ""
+        return report_user_error(UserError("sweep preset", f"{preset!r} is not a preset in {sweeps_dir()}.",
+                                           f"{hint}Choose one of: {', '.join(known)}."))
+    search_path = f"hydra.searchpath=[file://{sweeps_dir().parent}]"
+    return train_main(["-m", search_path, f"+sweeps={preset}", *rest])

@@ -12,6 +12,10 @@ USAGE = """lorasweep <command> [args]
 commands:
   train [overrides]         train one LoRA (Hydra overrides, e.g. optimizer.lr=3e-4 network.dim=16;
                             --help shows groups and the composed config, --cfg job prints it, -m sweeps)
+  sweep PRESET [overrides]  run a sweep preset from sweeps/ (Optuna TPE + pruning, grids); run the same command
+                            again to resume it. `lorasweep sweep --list` shows the presets
+  report SWEEP_FOLDER       rebuild a sweep's leaderboard, optimization_results.yaml and plots (and log them
+                            to its MLflow parent run)
   ui                        open the MLflow UI on the default store, bound to 127.0.0.1
   reproduce RUN [--check]   re-run a run folder (or an MLflow run id) from its saved config
 """
@@ -44,6 +48,19 @@ def _reproduce(argv: list[str]) -> int:
     return reproduce(args.source, check=args.check, tracking_uri=args.tracking_uri)
 
 
+def _report(argv: list[str]) -> int:
+    from lorasweep.sweeping.report import build_report
+
+    parser = argparse.ArgumentParser(prog="lorasweep report",
+                                     description="Rebuild a sweep's leaderboard, results file and plots.")
+    parser.add_argument("sweep_dir", help="the sweep folder (outputs/sweeps/<sweep>)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to the MLflow parent run")
+    args = parser.parse_args(argv)
+    folder = build_report(args.sweep_dir, log_to_mlflow=not args.no_mlflow)
+    print(f"Report: {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -55,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             from lorasweep.app import train_main
 
             return train_main(rest)
+        if command == "sweep":
+            from lorasweep.app import sweep_main
+
+            return sweep_main(rest)
+        if command == "report":
+            return _report(rest)
         if command == "ui":
             return _ui(rest)
         if command == "reproduce":

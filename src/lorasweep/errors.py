@@ -16,6 +16,10 @@ class UserError(Exception):
         self.hint = hint
         super().__init__(self.paragraph())
 
+    def __reduce__(self) -> tuple[type[UserError], tuple[str, str, str]]:
+        """Pickle by fields: a trial's error travels from its worker process back to the sweep controller."""
+        return (UserError, (self.where, self.problem, self.hint))
+
     def paragraph(self) -> str:
         text = f"{self.where}: {self.problem}"
         if self.hint:

@@ -11,6 +11,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,6 +24,9 @@ from lorasweep.tracking.console import TrainProgress, attach_log_handlers, detac
 from lorasweep.tracking.files import atomic_write_text
 from lorasweep.tracking.mlflow_run import MlflowRun, flatten
 from lorasweep.tracking.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    from lorasweep.sweeping.trial import TrialReporter
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,15 @@ class CheckedInputs:
     missing_captions: int
 
 
+#: What a job returns to a sweeper, and so the metrics a sweep may optimise (``hydra.sweeper.objective``).
+OBJECTIVES: dict[str, str] = {
+    "val_loss": "final deterministic validation loss (lower is better)",
+    "val_loss_drop": "relative fall of the validation loss from step 0, 1 - end/start (higher is better)",
+    "steps_per_s": "optimizer steps per second of training wall time, evaluations included (higher is better)",
+    "train_time_s": "wall time of the training loop in seconds (lower is better)",
+}
+
+
 @dataclass(frozen=True)
 class JobResult:
     run_dir: Path
@@ -48,6 +61,14 @@ class JobResult:
     lora_path: Path
     mlflow_run_id: str | None
     tracking_uri: str | None
+    train_time_s: float = float("nan")
+    steps: int = 0
+
+    @property
+    def objectives(self) -> dict[str, float]:
+        """Every metric in :data:`OBJECTIVES` for this run."""
+        return {"val_loss": self.val_loss, "val_loss_drop": 1.0 - self.val_loss / self.val_loss_start,
+                "steps_per_s": self.steps / self.train_time_s, "train_time_s": self.train_time_s}
 
 
 def resolve_train_dir(cfg: TrainConfig) -> Path:
@@ -84,8 +105,15 @@ def preflight(cfg: DictConfig | TrainConfig) -> CheckedInputs:
 
 
 def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = None,
-            checked: CheckedInputs | None = None) -> JobResult:
-    """Train one LoRA into ``run_dir`` (which must be new and otherwise empty but for Hydra's ``.hydra/``)."""
+            checked: CheckedInputs | None = None, show_progress: bool = True) -> JobResult:
+    """Train one LoRA into ``run_dir`` (which must be new and otherwise empty but for Hydra's ``.hydra/``).
+
+    In a sweep, ``tags`` carry the cross-links (``mlflow.parentRunId``, ``lorasweep.sweep``,
+    ``hydra.job.num``); a config with an active ``trial`` node also reports to its Optuna trial, which
+    may stop the run early by raising ``optuna.TrialPruned`` (the run then ends PRUNED, MLflow KILLED).
+    """
+    import optuna
+
     from lorasweep.data.tags import format_tag_frequency, tag_frequency
     from lorasweep.models.loading import load_base_model
     from lorasweep.network.kohya import save_lora_file
@@ -105,25 +133,42 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
     frequency = tag_frequency(checked.train_items + checked.val_items)
     atomic_write_text(run_dir / "tag_frequency.txt", format_tag_frequency(frequency))
     all_tags = {"lorasweep.run_dir": str(run_dir.resolve()), **(tags or {})}
+    reporter = None
+    if tc.trial.active:
+        from lorasweep.sweeping.trial import TrialReporter
+
+        reporter = TrialReporter(tc.trial)
+        all_tags.update({"optuna.study": str(tc.trial.study_name), "optuna.trial_number": str(tc.trial.number)})
+    if tc.trial.num_threads:
+        import torch
+
+        torch.set_num_threads(tc.trial.num_threads)
     tracker = MlflowRun(tc.tracking, output_root, run_dir.name, all_tags) if tc.tracking.enabled else None
     folder.start_record(
         name=run_dir.name, train_dir=str(checked.train_dir), device=str(pick_device(tc.training.device)),
         n_train_images=len(checked.train_items), n_val_images=len(checked.val_items),
         missing_captions=checked.missing_captions, tags=all_tags,
+        trial=None if not tc.trial.active else {"study": tc.trial.study_name, "number": tc.trial.number,
+                                                "storage": tc.trial.storage},
         mlflow=None if tracker is None else {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
                                              "run_id": tracker.run_id})
     log.info("run %s: %d training and %d validation images from %s", run_dir.name, len(checked.train_items),
              len(checked.val_items), checked.train_dir)
-    recorder = _Recorder(folder, tracker)
+    if reporter is not None:
+        reporter.set_attrs(run_dir=str(run_dir.resolve()),
+                           **({} if tracker is None else {"mlflow_run_id": tracker.run_id}))
+    recorder = _Recorder(folder, tracker, reporter)
     status = "FAILED"
     try:
         if tracker is not None:
             tracker.log_params(flatten(resolved))
             tracker.log_artifact(folder.config_path)
         base = load_base_model(tc.model)
-        with TrainProgress(console, run_dir.name) as progress:
+        with TrainProgress(console, run_dir.name, enabled=show_progress) as progress:
             recorder.progress_bar = progress
+            train_start = time.perf_counter()
             result = train(tc, base, checked.train_items, checked.val_items, recorder)
+            train_time = time.perf_counter() - train_start
         facts = TrainingFacts(
             model_id=base.model_id, num_train_images=sum(it.repeats for it in checked.train_items),
             num_batches_per_epoch=result.num_batches_per_epoch, num_epochs=result.epochs, epoch=result.epochs,
@@ -136,9 +181,14 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
                              val_loss_start=result.val_loss_start, steps=result.steps,
                              val_history=result.val_history, lora=str(lora_path.relative_to(run_dir)))
         return JobResult(run_dir, result.val_loss_start, result.val_loss, lora_path,
-                         None if tracker is None else tracker.run_id, None if tracker is None else tracker.uri)
+                         None if tracker is None else tracker.run_id, None if tracker is None else tracker.uri,
+                         train_time_s=train_time, steps=result.steps)
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except optuna.TrialPruned as exc:
+        status = "PRUNED"
+        folder.update_record(pruned=str(exc))
         raise
     except BaseException as exc:
         error = "".join(traceback.format_exception_only(exc)).strip()
@@ -153,7 +203,9 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
         folder.close()
         detach_log_handlers(handlers)
         if tracker is not None:
-            _finish_tracking(tracker, folder, status)
+            if reporter is not None:
+                tracker.set_tags({"optuna.state": {"FINISHED": "COMPLETE", "PRUNED": "PRUNED"}.get(status, "FAIL")})
+            _finish_tracking(tracker, folder, "KILLED" if status == "PRUNED" else status)
 
 
 def _finish_tracking(tracker: MlflowRun, folder: RunFolder, status: str) -> None:
@@ -176,9 +228,10 @@ def _dataset_dirs(items: list[ImageItem]) -> dict[str, dict[str, int]]:
 class _Recorder:
     """Fans the loop's results out to the run folder, MLflow and the progress bar."""
 
-    def __init__(self, folder: RunFolder, tracker: MlflowRun | None) -> None:
+    def __init__(self, folder: RunFolder, tracker: MlflowRun | None, reporter: TrialReporter | None = None) -> None:
         self.folder = folder
         self.tracker = tracker
+        self.reporter = reporter
         self.progress_bar: TrainProgress | None = None
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
@@ -188,6 +241,8 @@ class _Recorder:
             self.tracker.flush()
         if "val_loss" in values:
             log.info("step %d: val_loss %.6f", step, values["val_loss"])
+        if self.reporter is not None:
+            self.reporter.report(step, values)
 
     def samples(self, step: int, samples: list[Sample]) -> None:
         out = self.folder.path / "samples" / f"{step:06d}"

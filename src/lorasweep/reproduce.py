@@ -95,6 +95,9 @@ def _rerun(src: Source, *, check: bool) -> int:
 
     register()
     cfg = OmegaConf.load(src.config_path)
+    if "trial" in cfg:  # a sweep trial reproduces as a plain run (same threads: they change float sums)
+        for key in ("study_name", "storage", "number"):
+            cfg.trial[key] = None
     checked = preflight(to_train_config(cfg))
     root = Path(checked.config.output.root)
     run_dir = create_unique_dir(root / "runs" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_"

@@ -42,14 +42,20 @@ def render() -> str:
     lines = ["# Parameters", "",
              "Generated from the config dataclasses in `src/lorasweep/config/` by "
              "`python -m lorasweep.config.docs`; do not edit by hand.", ""]
+    from hydra_plugins.lorasweep_optuna.config import LorasweepOptunaConf
+    from hydra_plugins.lorasweep_optuna.process_launcher import LorasweepProcessLauncherConf
+
     hints_root = typing.get_type_hints(TrainConfig)
-    for group in GROUPS:
-        cls = hints_root[group]
+    sections = [(group, hints_root[group]) for group in (*GROUPS, "trial")]
+    sections += [("hydra.sweeper", LorasweepOptunaConf), ("hydra.launcher", LorasweepProcessLauncherConf)]
+    for group, cls in sections:
         hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
         lines += [f"## `{group}`", "", " ".join((cls.__doc__ or "").split()), "",
                   "| key | type | default | meaning |", "|---|---|---|---|"]
         for field in dataclasses.fields(cls):
+            if field.name == "_target_":
+                continue
             type_name = str(hints[field.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
             type_name = type_name.replace("|", "\\|")
             doc = docs.get(field.name, "").replace("|", "\\|")

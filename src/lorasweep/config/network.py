@@ -20,6 +20,11 @@ class NetworkConfig:
     """``network_alpha``: the update is scaled by alpha/dim, so alpha < dim shrinks the effective step.
     null means alpha = dim (scale 1). Saved as the per-module ``.alpha`` scalar."""
 
+    alpha_ratio: float | None = None
+    """alpha as a fraction of dim (alpha = alpha_ratio × dim, so the scale alpha/dim *is* this ratio).
+    Sweeps search it instead of ``alpha`` so that the scale is searched independently of the rank.
+    Give ``alpha`` or ``alpha_ratio``, not both."""
+
     train_unet: bool = True
     """Put LoRA on the UNet. false = kohya ``--network_train_text_encoder_only`` (seed: ``text_only``)."""
 
@@ -38,9 +43,18 @@ class NetworkConfig:
         check_range(f"{key}.dim", self.dim, low=1, high=1024)
         if self.alpha is not None:
             check_range(f"{key}.alpha", self.alpha, low=0.0, low_inclusive=False)
+        if self.alpha_ratio is not None:
+            check_range(f"{key}.alpha_ratio", self.alpha_ratio, low=0.0, low_inclusive=False)
+            if self.alpha is not None:
+                from lorasweep.errors import UserError
+
+                raise UserError(f"{key}.alpha_ratio", f"and {key}.alpha are both set ({self.alpha_ratio} and "
+                                f"{self.alpha}).", "Give one: alpha_ratio means alpha = alpha_ratio × dim.")
         check_choice(f"{key}.target", self.target, TARGETS)
         check_range(f"{key}.dropout", self.dropout, low=0.0, high=1.0, high_inclusive=False)
 
     @property
     def effective_alpha(self) -> float:
+        if self.alpha_ratio is not None:
+            return float(self.alpha_ratio * self.dim)
         return float(self.dim if self.alpha is None else self.alpha)

@@ -16,6 +16,14 @@ def conf_dir() -> Path:
     raise FileNotFoundError(f"lorasweep's conf/ folder is missing next to {_PACKAGE_DIR}; reinstall lorasweep.")
 
 
+def sweeps_dir() -> Path:
+    """``sweeps/`` (the sweep presets): inside the installed package or at the repository root."""
+    for candidate in (_PACKAGE_DIR / "sweeps", _PACKAGE_DIR.parent.parent / "sweeps"):
+        if (candidate / "quickstart.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"lorasweep's sweeps/ folder is missing next to {_PACKAGE_DIR}; reinstall lorasweep.")
+
+
 def cache_root(cache_dir: str | None) -> Path:
     """Where built models and generated data live: ``model.cache_dir``, ``$LORASWEEP_CACHE_DIR`` or
     ``~/.cache/lorasweep``. Shared by every run on the machine; never part of a result."""

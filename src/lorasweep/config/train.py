@@ -22,6 +22,7 @@ from lorasweep.config.sampling import SamplingConfig
 from lorasweep.config.scheduler import SchedulerConfig
 from lorasweep.config.tracking import TrackingConfig
 from lorasweep.config.training import TrainingConfig
+from lorasweep.config.trial import TrialConfig
 from lorasweep.config.validation import ValidationConfig
 from lorasweep.errors import UserError
 
@@ -45,11 +46,14 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    trial: TrialConfig = field(default_factory=TrialConfig)
+    """Set by the Optuna sweeper for each trial (see :class:`TrialConfig`); empty otherwise."""
 
     def validate(self) -> None:
         """Check ranges and combinations that types cannot express, group by group."""
         for group in GROUPS:
             getattr(self, group).validate(group)
+        self.trial.validate("trial")
         if not (self.network.train_unet or self.network.train_text_encoder):
             raise UserError("network.train_unet / network.train_text_encoder",
                             "both are false, so nothing would be trained.",
@@ -64,6 +68,17 @@ def register_configs() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
 
 
+def _open_free_dicts(node: DictConfig) -> None:
+    """Fields typed ``dict[str, ...]`` (tags, optimizer args, pruner args) take keys the user chooses."""
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if child._metadata.object_type in (dict, None):
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_free_dicts(child)
+
+
 def to_train_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
     """Turn a composed (or loaded) config into typed, validated dataclasses.
 
@@ -75,6 +90,7 @@ def to_train_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
     with omegaconf_errors_as_user_errors():
         schema = OmegaConf.structured(TrainConfig)
         OmegaConf.set_struct(schema, True)  # an unknown key anywhere is an error, also at the top level
+        _open_free_dicts(schema)
         # A plain copy first: a composed config already typed TrainConfig may carry keys added with `+`.
         plain = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
         merged = OmegaConf.merge(schema, plain)

@@ -14,12 +14,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class TrainProgress:
     """A progress bar that is a no-op-friendly context manager; ``update`` is cheap (called at log steps)."""
 
-    def __init__(self, console: Console, description: str) -> None:
+    def __init__(self, console: Console, description: str, *, enabled: bool = True) -> None:
+        """``enabled=False`` for sweep trials: parallel jobs sharing a terminal would garble each other's bars
+        (the sweep prints one line per finished trial instead)."""
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} it/s"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=console, transient=False, disable=not console.is_terminal and not _force_progress())
+            console=console, transient=False,
+            disable=not enabled or (not console.is_terminal and not _force_progress()))
         self._task = self._progress.add_task(description, total=None, loss="-", rate="-")
 
     def __enter__(self) -> TrainProgress:

@@ -44,7 +44,9 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 class MlflowRun:
     """Params, buffered metrics, images and artifacts of one run; ``end`` sets the final status."""
 
-    def __init__(self, cfg: TrackingConfig, output_root: Path, run_name: str, tags: dict[str, str]) -> None:
+    def __init__(self, cfg: TrackingConfig, output_root: Path, run_name: str, tags: dict[str, str], *,
+                 resume_run_id: str | None = None) -> None:
+        """Create a run, or with ``resume_run_id`` re-open that one (a resumed sweep's parent run)."""
         import mlflow
         from mlflow import MlflowClient
 
@@ -52,8 +54,12 @@ class MlflowRun:
         self.client = MlflowClient(tracking_uri=self.uri)
         self._mlflow = mlflow
         self.experiment_id = self._experiment(cfg.experiment, output_root)
-        self.run = self.client.create_run(self.experiment_id, run_name=cfg.run_name or run_name,
-                                          tags={**tags, **cfg.tags})
+        if resume_run_id is None:
+            self.run = self.client.create_run(self.experiment_id, run_name=cfg.run_name or run_name,
+                                              tags={**tags, **cfg.tags})
+        else:
+            self.client.update_run(resume_run_id, status="RUNNING")
+            self.run = self.client.get_run(resume_run_id)
         self.run_id: str = self.run.info.run_id
         self._pending: list[Any] = []
 
