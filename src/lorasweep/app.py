@@ -59,6 +59,35 @@ def compose_config(overrides: list[str]) -> DictConfig:
             from None
 
 
+def check_multirun(overrides: list[str]) -> None:
+    """Compose a multirun's config without its sweep overrides (``a=1,2``, ``b=choice(...)``), so grammar
+    mistakes, unknown keys and values Hydra cannot merge are one paragraph before anything starts; each
+    sweep value is checked by the sweeper or by its job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from lorasweep.config.train import to_train_config
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as exc:
+        raise UserError("command line", " ".join(str(exc).split()),
+                        "Quote sweep expressions for the shell, e.g. optimizer.lr='interval(1e-4, 1e-2)'.") from None
+    fixed = [text for text, override in zip(overrides, parsed, strict=True) if not override.is_sweep_override()]
+    try:
+        to_train_config(compose_config(fixed))
+    except UserError as exc:
+        group, _, name = exc.where.rpartition(".")
+        if exc.where.startswith("hydra.sweeper.params."):
+            raise UserError(exc.where, "cannot be set like this: Hydra reads the dots of a search-space key "
+                            "(e.g. `optimizer.lr`) as nesting.", "Give the range as a sweep override of the key "
+                            "itself, e.g. `optimizer.lr='tag(log, interval(1e-4, 1e-2))'`.") from None
+        if group in ("hydra.sweeper.sampler_args", "hydra.sweeper.pruner_args"):
+            raise UserError(exc.where, f"`{name}` is not set in the preset, so a plain override cannot change it.",
+                            f"Add it with `++{group}.{name}=<value>`.") from None
+        raise
+
+
 def report_user_error(exc: UserError) -> int:
     print(f"lorasweep: error: {exc.paragraph()}", file=sys.stderr)
     return 2
@@ -75,10 +104,13 @@ def train_main(args: list[str]) -> int:
     register()
     checked: CheckedInputs | None = None
     multirun = any(a in ("-m", "--multirun") for a in args)
-    if not multirun and not any(a.split("=")[0] in _HYDRA_FLAGS_WITHOUT_RUN for a in args):
+    if not any(a.split("=")[0] in _HYDRA_FLAGS_WITHOUT_RUN for a in args):
         overrides = [a for a in args if not a.startswith("-")]
         try:
-            checked = preflight(compose_config(overrides))
+            if multirun:
+                check_multirun(overrides)
+            else:
+                checked = preflight(compose_config(overrides))
         except UserError as exc:
             return report_user_error(exc)
 

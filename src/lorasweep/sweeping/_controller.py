@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from lorasweep.errors import UserError
-from lorasweep.sweeping.factories import make_pruner, make_sampler, parse_directions
+from lorasweep.sweeping.factories import grid_size, make_pruner, make_sampler, parse_directions
 from lorasweep.sweeping.space import SearchSpace, check_keys, format_value, parse_search_space
 from lorasweep.sweeping.storage import JOURNAL_FILE, SweepRecord, journal_url, open_storage
 
@@ -141,6 +141,7 @@ class SweepController:
                                 "Write e.g. `optimizer.lr=1e-4,3e-4` or `network.dim=choice(4,8)`.")
             params[key] = value
         space = parse_search_space(params)
+        self.param_text = {key: str(value) for key, value in params.items()}
         from lorasweep.config.train import GROUPS
 
         plain = OmegaConf.create({k: v for k, v in self.config.items() if k != "hydra"})
@@ -214,6 +215,7 @@ class SweepController:
             study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: its sweep controller "
                                                "stopped while it ran")
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            _close_interrupted(trial.user_attrs)
             recovered += 1
             log.warning("trial %d was left RUNNING by a stopped controller: marked FAIL", trial.number)
             if self.conf.retry_interrupted:
@@ -256,9 +258,11 @@ class SweepController:
                                args=self.conf.sampler_args)
         train_cfg = to_train_config({k: v for k, v in self.config.items() if k != "hydra"})
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if not self.conf.storage:
+            sweep_dir.mkdir(parents=True, exist_ok=True)  # the default journal lives in it
         storage_url = self.conf.storage or journal_url(sweep_dir / JOURNAL_FILE)
         study = self._study(storage_url, sampler, pruner, directions)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(sweep_dir / ".controller.lock"))  # controllers sharing the folder take turns
         with lock:
             self._recover(study)
@@ -275,8 +279,7 @@ class SweepController:
         params = {"sweep.sampler": str(self.conf.sampler), "sweep.pruner": str(self.conf.pruner),
                   "sweep.n_trials": str(self.conf.n_trials), "sweep.max_parallel": str(self.conf.max_parallel),
                   "sweep.objective": ",".join(objectives), "sweep.direction": ",".join(directions),
-                  **{f"space.{k}": str(v) for k, v in (self.conf.params or {}).items()},
-                  **{f"space.{k}": str(v) for k, v in space.fixed.items()}}
+                  **{f"space.{k}": v for k, v in self.param_text.items()}}
         with lock:
             record = open_parent(sweep_dir, train_cfg, record, params=params,
                                  tags={"optuna.study": study.study_name, "lorasweep.sweeper": "lorasweep_optuna"})
@@ -316,12 +319,17 @@ class SweepController:
         """Keep ``max_parallel`` trials running until the study has ``n_trials`` finished ones; returns why it
         stopped early (failure budget), else None."""
         c = self.conf
+        n_trials = int(c.n_trials)
+        if str(c.sampler).lower() == "grid" and grid_size(space) < n_trials:
+            log.info("the grid has %d points: the sweep stops there (hydra.sweeper.n_trials=%d)", grid_size(space),
+                     n_trials)
+            n_trials = grid_size(space)
         cores = os.cpu_count() or 1
         threads = max(1, cores // c.max_parallel) if train_cfg.training.device != "cuda" else None
         deadline = None if c.timeout is None else time.monotonic() + float(c.timeout)
         running: dict[Future[JobReturn], optuna.Trial] = {}
         stopped: str | None = None
-        progress = SweepProgress(study, int(c.n_trials))
+        progress = SweepProgress(study, n_trials)
         with ThreadPoolExecutor(max_workers=int(c.max_parallel), thread_name_prefix="lorasweep-slot") as pool:
             while True:
                 while len(running) < c.max_parallel and stopped is None:
@@ -335,7 +343,7 @@ class SweepController:
                                        f"{c.max_failures}")
                             log.error("stopping the sweep: %s", stopped)
                             break
-                        if counts.finished + counts.running >= c.n_trials:
+                        if counts.finished + counts.running >= n_trials:
                             break
                         trial = study.ask()
                         trial.set_user_attr("controller", self.owner)
@@ -362,6 +370,9 @@ class SweepController:
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, future: Future[JobReturn],
               objectives: list[str]) -> None:
+        """Turn the job's return into the trial's final state: values, PRUNED or FAIL (with the error)."""
+        values: list[float] | None = None
+        error: Any = None
         try:
             ret = future.result()
             if ret.status == JobStatus.COMPLETED:
@@ -369,20 +380,25 @@ class SweepController:
                 values = [float(result[name]) for name in objectives]
                 bad = [f"{n}={v}" for n, v in zip(objectives, values, strict=True) if not math.isfinite(v)]
                 if bad:
-                    raise ValueError(f"the objective is not finite: {', '.join(bad)}")
-                study.tell(trial, values if len(values) > 1 else values[0])
-                return
-            error = ret._return_value
+                    values, error = None, ValueError(f"the objective is not finite: {', '.join(bad)}")
+            else:
+                error = ret._return_value
         except Exception as exc:  # the launcher itself failed (e.g. a worker process died)
             error = exc
-        if isinstance(error, optuna.TrialPruned):
-            study.tell(trial, state=TrialState.PRUNED)
-            return
-        text = "".join(traceback.format_exception_only(error)).strip() if isinstance(error, BaseException) \
-            else str(error)
-        log.error("trial %d failed: %s", trial.number, text)
-        trial.set_user_attr("error", text[:4000])
-        study.tell(trial, state=TrialState.FAIL)
+        try:
+            if values is not None:
+                study.tell(trial, values if len(values) > 1 else values[0])
+            elif isinstance(error, optuna.TrialPruned):
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                text = ("".join(traceback.format_exception_only(error)).strip()
+                        if isinstance(error, BaseException) else str(error))
+                log.error("trial %d failed: %s", trial.number, text)
+                trial.set_user_attr("error", text[:4000])
+                study.tell(trial, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another controller resuming the study judged this trial interrupted and closed it.
+            log.warning("trial %d was already finished by another controller; its result is dropped", trial.number)
 
 
 class SweepStopped(RuntimeError):
@@ -404,6 +420,34 @@ class SweepProgress:
             best = f", best {trial.value:.6g} (trial {trial.number})"
         log.info("sweep: %d/%d done, %d running, %d pruned, %d failed%s", counts.finished, self.n_trials,
                  counts.running, counts.pruned, counts.failed, best)
+
+
+def _close_interrupted(attrs: Mapping[str, Any]) -> None:
+    """Give an interrupted trial's run folder and MLflow run a final state (its job died with the controller)."""
+    import json
+
+    from lorasweep.tracking.files import atomic_write_json
+
+    run_dir = attrs.get("run_dir")
+    record_path = Path(str(run_dir)) / "run.json" if run_dir else None
+    if record_path is not None and record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("status") == "RUNNING":
+            record.update(status="KILLED", error="interrupted: its sweep controller stopped while it ran")
+            atomic_write_json(record_path, record)
+    run_id = attrs.get("mlflow_run_id")
+    tracking_uri = None
+    if record_path is not None and record_path.is_file():
+        tracking_uri = (json.loads(record_path.read_text()).get("mlflow") or {}).get("tracking_uri")
+    if run_id and tracking_uri:
+        from mlflow import MlflowClient
+
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri)
+            client.set_tag(run_id, "optuna.state", "FAIL")
+            client.set_terminated(run_id, status="KILLED")
+        except Exception as error:  # the tracking server may be gone; the study is what matters here
+            log.warning("could not close MLflow run %s of an interrupted trial: %s", run_id, error)
 
 
 def _save_multirun_yaml(config: DictConfig, sweep_dir: Path) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optuna
 from omegaconf import Container, OmegaConf
+from optuna.trial import FrozenTrial, TrialState
 
 from lorasweep.errors import UserError
 from lorasweep.sweeping.space import SearchSpace
@@ -60,7 +62,7 @@ def make_sampler(name: str, *, seed: int | None, space: SearchSpace, n_objective
     elif key == "random":
         cls = optuna.samplers.RandomSampler
     elif key == "grid":
-        cls = optuna.samplers.GridSampler
+        cls = _AskTellGridSampler
         if "search_space" in kwargs:
             raise UserError(SAMPLER_ARGS_KEY, "sets `search_space`; the grid comes from `hydra.sweeper.params`.",
                             "Remove `search_space` and list the values with `choice(...)` or `range(...)`.")
@@ -83,6 +85,20 @@ def make_sampler(name: str, *, seed: int | None, space: SearchSpace, n_objective
         cls = optuna.samplers.GPSampler
     _check_keywords(cls, kwargs, set(defaults) - {"multivariate", "constant_liar"}, SAMPLER_ARGS_KEY, key)
     return _build(cls, {**defaults, **kwargs}, SAMPLER_ARGS_KEY, key)
+
+
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler without its ``study.stop()`` once the grid is exhausted: that call is only legal inside
+    ``study.optimize``, and the sweep controller (ask/tell) stops by counting trials itself."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        return None
+
+
+def grid_size(space: SearchSpace) -> int:
+    """Number of points of the grid sampler's grid."""
+    return math.prod(len(values) for values in space.grid().values())
 
 
 def make_pruner(name: str, args: Mapping[str, Any] | None = None, *,
