@@ -177,12 +177,14 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
         lora_path = lora_file_path(run_dir, tc.output.name)
         save_lora_file(lora_path, result.lora_tensors, None if tc.output.no_metadata else kohya_metadata(tc, facts))
         status = "FINISHED"
+        job_result = JobResult(run_dir, result.val_loss_start, result.val_loss, lora_path,
+                               None if tracker is None else tracker.run_id, None if tracker is None else tracker.uri,
+                               train_time_s=train_time, steps=result.steps)
         folder.update_record(objective=result.val_loss, val_loss=result.val_loss,
-                             val_loss_start=result.val_loss_start, steps=result.steps,
-                             val_history=result.val_history, lora=str(lora_path.relative_to(run_dir)))
-        return JobResult(run_dir, result.val_loss_start, result.val_loss, lora_path,
-                         None if tracker is None else tracker.run_id, None if tracker is None else tracker.uri,
-                         train_time_s=train_time, steps=result.steps)
+                             val_loss_start=result.val_loss_start, steps=result.steps, train_time_s=train_time,
+                             objectives=job_result.objectives, val_history=result.val_history,
+                             lora=str(lora_path.relative_to(run_dir)))
+        return job_result
     except KeyboardInterrupt:
         status = "KILLED"
         raise

@@ -272,3 +272,31 @@ def test_grid_multirun_has_a_parent_run_and_a_report(tiny_model: Path, tmp_path:
     assert parent.data.tags["best.scheduler"] == best.data.params["scheduler.name"]
     assert (sweep_dir / "optimization_results.yaml").is_file()
     assert (sweep_dir / "report" / "leaderboard.csv").read_text().count("\n") == 5  # header + 4 jobs
+
+
+def test_multi_objective_study_in_an_rdb_storage(tiny_model: Path, tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = sweep_args(tmp_path, "pareto", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}",
+                      "hydra.sweeper.objective=[val_loss,steps_per_s]", "hydra.sweeper.direction=[minimize,maximize]",
+                      "network.dim=choice(2,8)", "hydra.sweeper.sampler=grid", "training.max_steps=10",
+                      launcher="basic")
+    proc = run_cli(args, cwd=tmp_path, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (tmp_path / "sweeps" / "pareto" / "optuna.journal").exists()
+    study = optuna.load_study(study_name="pareto", storage=storage)
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MAXIMIZE"]
+    for trial in study.trials:
+        info = json.loads((tmp_path / "sweeps" / "pareto" / str(trial.number) / "run.json").read_text())
+        assert trial.values[0] == pytest.approx(info["val_loss"])
+        assert 0 < trial.values[1] == pytest.approx(info["steps"] / info["train_time_s"])
+    results = (tmp_path / "sweeps" / "pareto" / "optimization_results.yaml").read_text()
+    assert "best_trials:" in results
+
+
+def test_timeout_stops_starting_trials(tiny_model: Path, tmp_path: Path) -> None:
+    args = sweep_args(tmp_path, "timeout", "hydra.sweeper.n_trials=5", "hydra.sweeper.timeout=1",
+                      "network.dim=choice(2,4,8)", launcher="basic")
+    proc = run_cli(args, cwd=tmp_path, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(load(tmp_path, "timeout").trials) == 1  # the first trial outlasts the 1 s timeout
+    assert "hydra.sweeper.timeout reached" in proc.stderr + proc.stdout

@@ -77,6 +77,20 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+def prepare_base(cfg: ModelConfig) -> tuple[str, Path | None]:
+    """``resolve_base``, and build the embedded tiny model when it is the base and not cached yet.
+
+    A sweep calls it once before its trials start, so the one-time build runs with every core instead of
+    inside a trial that got a share of them (the other trials would wait on its file lock meanwhile).
+    """
+    model_id, folder = resolve_base(cfg)
+    if cfg.base == TINY:
+        from lorasweep.models.tiny import ensure_tiny_model
+
+        folder = ensure_tiny_model(cache_root(cfg.cache_dir))
+    return model_id, folder
+
+
 def load_base_model(cfg: ModelConfig) -> BaseModel:
     """Load every part in float32 on the CPU; the trainer moves them to the device and dtype it needs."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -84,11 +98,7 @@ def load_base_model(cfg: ModelConfig) -> BaseModel:
 
     quiet_libraries()
 
-    model_id, folder = resolve_base(cfg)
-    if cfg.base == TINY:
-        from lorasweep.models.tiny import ensure_tiny_model
-
-        folder = ensure_tiny_model(cache_root(cfg.cache_dir))
+    model_id, folder = prepare_base(cfg)
     source: str = str(folder) if folder is not None else cfg.base
     local = folder is not None
     try:

@@ -257,6 +257,9 @@ class SweepController:
         sampler = make_sampler(self.conf.sampler, seed=self.conf.seed, space=space, n_objectives=len(objectives),
                                args=self.conf.sampler_args)
         train_cfg = to_train_config({k: v for k, v in self.config.items() if k != "hydra"})
+        from lorasweep.job import preflight
+
+        preflight(train_cfg)  # data and model paths: a missing folder stops the sweep before any trial
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         if not self.conf.storage:
             sweep_dir.mkdir(parents=True, exist_ok=True)  # the default journal lives in it
@@ -286,6 +289,9 @@ class SweepController:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(objectives)
+        from lorasweep.models.loading import prepare_base
+
+        prepare_base(train_cfg.model)
         status = "FAILED"
         try:
             stopped = self._run_slots(study, space, custom, objectives, storage_url, train_cfg, lock)
