@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
+from lorasweep import _faults
 from lorasweep.config.paths import cache_root
 from lorasweep.config.train import TrainConfig, to_train_config
 from lorasweep.data.dataset import ImageItem, scan_folder, split_validation
@@ -245,6 +246,7 @@ class _Recorder:
             log.info("step %d: val_loss %.6f", step, values["val_loss"])
         if self.reporter is not None:
             self.reporter.report(step, values)
+        _faults.inject(step, None if self.reporter is None else self.reporter.number)
 
     def samples(self, step: int, samples: list[Sample]) -> None:
         out = self.folder.path / "samples" / f"{step:06d}"

@@ -300,3 +300,14 @@ def test_timeout_stops_starting_trials(tiny_model: Path, tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(load(tmp_path, "timeout").trials) == 1  # the first trial outlasts the 1 s timeout
     assert "hydra.sweeper.timeout reached" in proc.stderr + proc.stdout
+
+
+def test_out_of_memory_fails_the_trial_not_the_sweep(tiny_model: Path, tmp_path: Path) -> None:
+    args = sweep_args(tmp_path, "oom", "hydra.sweeper.n_trials=1", "network.dim=choice(2,4)")
+    proc = run_cli(args, cwd=tmp_path, env={**ENV, "LORASWEEP_FAULT": "oom:step=10:trial=0"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first, second = load(tmp_path, "oom").trials
+    assert first.state == TrialState.FAIL and "OutOfMemoryError" in first.user_attrs["error"]
+    assert second.state == TrialState.COMPLETE
+    info = json.loads((tmp_path / "sweeps" / "oom" / "0" / "run.json").read_text())
+    assert info["status"] == "FAILED" and "out of memory" in info["error"]

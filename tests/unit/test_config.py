@@ -81,7 +81,7 @@ def test_parameters_doc_is_current() -> None:
 
 
 def test_conf_ships_inside_the_wheel(tmp_path: Path) -> None:
-    """A regular (non-editable) install finds conf/ inside the package."""
+    """A regular (non-editable) install finds conf/ and sweeps/ inside the package, and Hydra finds the sweeper."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
                    check=True, capture_output=True, timeout=300)
     wheel = next(tmp_path.glob("lorasweep-*.whl"))
@@ -91,7 +91,13 @@ def test_conf_ships_inside_the_wheel(tmp_path: Path) -> None:
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)
-    out = subprocess.run([sys.executable, "-c", "from lorasweep.config.paths import conf_dir; print(conf_dir())"],
-                         check=True, capture_output=True, text=True, env={"PYTHONPATH": str(target)},
-                         cwd=tmp_path).stdout.strip()
-    assert Path(out) == target / "lorasweep" / "conf"
+    assert "lorasweep/sweeps/quickstart.yaml" in names
+    assert "hydra_plugins/lorasweep_optuna/sweeper.py" in names
+    code = ("from lorasweep.config.paths import conf_dir, sweeps_dir; print(conf_dir()); print(sweeps_dir()); "
+            "from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper; "
+            "print(sorted(p.__name__ for p in Plugins.instance().discover(Sweeper)))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(target)}, cwd=tmp_path).stdout.splitlines()
+    assert Path(out[0]) == target / "lorasweep" / "conf"
+    assert Path(out[1]) == target / "lorasweep" / "sweeps"
+    assert "LorasweepOptunaSweeper" in out[2]  # Hydra discovers the plugin in the installed wheel
