@@ -166,7 +166,7 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> None:
 def test_resume_after_the_controller_is_killed(tiny_model: Path, tmp_path: Path) -> None:
     args = sweep_args(tmp_path, "resume", "hydra.sweeper.n_trials=5", "hydra.sweeper.max_parallel=2",
                       "hydra.sweeper.sampler=random", "hydra.sweeper.seed=0", "hydra.sweeper.retry_interrupted=true",
-                      "training.max_steps=150", "validation.every_n_steps=50",
+                      "training.max_steps=120", "validation.every_n_steps=40",
                       "optimizer.lr=tag(log,interval(1e-4,1e-2))")
     controller = subprocess.Popen([*LORASWEEP, *args], cwd=tmp_path, env={**os.environ, **ENV},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -222,14 +222,14 @@ def test_resume_after_the_controller_is_killed(tiny_model: Path, tmp_path: Path)
 
 
 def test_two_controllers_share_one_study(tiny_model: Path, tmp_path: Path) -> None:
-    args = sweep_args(tmp_path, "shared", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler=random",
+    args = sweep_args(tmp_path, "shared", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler=random",
                       "optimizer.lr=tag(log,interval(1e-4,1e-2))")
     procs = [subprocess.Popen([*LORASWEEP, *args], cwd=tmp_path, env={**os.environ, **ENV},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     study = load(tmp_path, "shared")
-    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert sorted(t.number for t in study.trials) == [0, 1, 2]  # exactly n_trials, numbers unique
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     assert len({t.user_attrs["controller"] for t in study.trials}) == 2  # both did work
     record = SweepRecord.read(tmp_path / "sweeps" / "shared")
@@ -238,7 +238,7 @@ def test_two_controllers_share_one_study(tiny_model: Path, tmp_path: Path) -> No
                                  filter_string="tags.`optuna.study` = 'shared' and tags.`lorasweep.sweeper` = "
                                                "'lorasweep_optuna'")
     assert len(parents) == 1  # one parent run for the shared sweep folder
-    assert len(children(client, parents[0].info.run_id)) == 4
+    assert len(children(client, parents[0].info.run_id)) == 3
 
 
 def test_joblib_launcher_runs_parallel_slots(tiny_model: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from lorasweep.errors import UserError
-from lorasweep.sweeping.factories import PRUNERS, SAMPLERS, make_pruner, make_sampler, parse_directions
+from lorasweep.sweeping.factories import PRUNERS, SAMPLERS, grid_size, make_pruner, make_sampler, parse_directions
 from lorasweep.sweeping.space import SearchSpace, check_keys, format_value, parse_search_space
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -358,7 +358,8 @@ def test_tpe_is_multivariate_with_a_constant_liar_for_one_objective_and_independ
 def test_grid_sampler_visits_every_combination_once() -> None:
     space = parse_search_space({"a": "choice(x, y)", "b": "range(1, 4)", "seed": "3"})
     sampler = make_sampler("grid", seed=0, space=space, n_objectives=1)
-    study = run_study(sampler, space, n_trials=10)
+    assert grid_size(space) == 6  # the sweep controller stops there (the sampler itself does not stop a study)
+    study = run_study(sampler, space, n_trials=6)
     assert len(study.trials) == 6
     assert sorted((t.params["a"], t.params["b"]) for t in study.trials) == \
         [(a, b) for a in ("x", "y") for b in (1, 2, 3)]
@@ -395,8 +396,9 @@ def test_samplers_handle_several_objectives(name: str) -> None:
 def test_every_sampler_name_builds_and_samples_an_int_space() -> None:
     space = parse_search_space({"a": "range(0, 4)", "b": "int(interval(0, 3))"})
     samplers = [make_sampler(name, seed=None, space=space, n_objectives=1) for name in SAMPLERS]
-    assert [type(s).__name__ for s in samplers] == \
-        ["TPESampler", "RandomSampler", "GridSampler", "CmaEsSampler", "QMCSampler", "GPSampler"]
+    classes = [optuna.samplers.TPESampler, optuna.samplers.RandomSampler, optuna.samplers.GridSampler,
+               optuna.samplers.CmaEsSampler, optuna.samplers.QMCSampler, optuna.samplers.GPSampler]
+    assert all(isinstance(s, cls) for s, cls in zip(samplers, classes, strict=True)), samplers
     for sampler in samplers:
         run_study(sampler, space, n_trials=3)
 
