@@ -102,6 +102,9 @@ def test_report_files_and_rebuild(slots_sweep: dict[str, Any]) -> None:
     sweep_dir, study = slots_sweep["sweep_dir"], slots_sweep["study"]
     stdout = slots_sweep["proc"].stdout
     assert "optimizer.lr" in stdout and "COMPLETE" in stdout  # the leaderboard table
+    log = slots_sweep["proc"].stderr + stdout  # the progress lines: done/running/pruned/failed, best so far
+    assert "sweep: 1/4 done, 1 running, 0 pruned, 0 failed, best " in log
+    assert "sweep: 4/4 done, 0 running, 0 pruned, 0 failed, best " in log
     results = (sweep_dir / "optimization_results.yaml").read_text()
     assert f"trial: {study.best_trial.number}" in results
     for name in ("leaderboard.csv", "plots.html", "optimization_history.png", "parallel_coordinate.png"):
