@@ -314,3 +314,17 @@ def test_out_of_memory_fails_the_trial_not_the_sweep(tiny_model: Path, tmp_path:
     assert second.state == TrialState.COMPLETE
     info = json.loads((tmp_path / "sweeps" / "oom" / "0" / "run.json").read_text())
     assert info["status"] == "FAILED" and "out of memory" in info["error"]
+
+
+def test_quickstart_preset_runs(tiny_model: Path, tmp_path: Path) -> None:
+    """The README's main job, shortened: `lorasweep sweep quickstart` with two short trials."""
+    proc = run_cli(["sweep", "quickstart", "hydra.sweeper.n_trials=2", "training.max_steps=10",
+                    "validation.every_n_steps=5", f"output.root={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = load(tmp_path, "quickstart")
+    assert len(study.trials) == 2 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert set(study.trials[0].params) == {"optimizer.lr", "network.dim", "network.alpha_ratio", "scheduler"}
+    record = SweepRecord.read(tmp_path / "sweeps" / "quickstart")
+    parent = MlflowClient(tracking_uri=record.mlflow["tracking_uri"]).get_run(record.mlflow["parent_run_id"])
+    assert parent.data.params["space.network.dim"] == "choice(2, 4, 8, 16)"
+    assert "space.+sweeps" not in parent.data.params and "space.sweeps" not in parent.data.params

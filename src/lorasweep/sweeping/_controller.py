@@ -282,7 +282,8 @@ class SweepController:
         params = {"sweep.sampler": str(self.conf.sampler), "sweep.pruner": str(self.conf.pruner),
                   "sweep.n_trials": str(self.conf.n_trials), "sweep.max_parallel": str(self.conf.max_parallel),
                   "sweep.objective": ",".join(objectives), "sweep.direction": ",".join(directions),
-                  **{f"space.{k}": v for k, v in self.param_text.items()}}
+                  **{f"space.{k.lstrip('+')}": v for k, v in self.param_text.items()
+                     if k.lstrip("+") in space.distributions}}
         with lock:
             record = open_parent(sweep_dir, train_cfg, record, params=params,
                                  tags={"optuna.study": study.study_name, "lorasweep.sweeper": "lorasweep_optuna"})
