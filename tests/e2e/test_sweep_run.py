@@ -220,8 +220,15 @@ def test_resume_after_the_controller_is_killed(tiny_model: Path, tmp_path: Path)
         assert run_status(number) == "KILLED"
     proposed = [t.params["optimizer.lr"] for t in study.trials if "retry_of" not in t.user_attrs]
     assert len(set(proposed)) == len(proposed), proposed  # the resumed sampler did not replay the first run
+    # One folder per trial that got as far as starting its job (a trial killed while its process was still
+    # starting has none), each holding that trial's own run: no folder was reused.
     folders = sorted(int(p.name) for p in (tmp_path / "sweeps" / "resume").iterdir() if p.name.isdigit())
-    assert folders == numbers  # one folder per trial, none reused
+    assert set(folders) <= set(numbers)
+    finished = [t.number for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert set(finished) <= set(folders)
+    for number in folders:
+        info = json.loads((tmp_path / "sweeps" / "resume" / str(number) / "run.json").read_text())
+        assert info["trial"]["number"] == number
 
 
 def test_two_controllers_share_one_study(tiny_model: Path, tmp_path: Path) -> None:
