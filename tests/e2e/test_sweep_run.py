@@ -227,8 +227,11 @@ def test_resume_after_the_controller_is_killed(tiny_model: Path, tmp_path: Path)
     finished = [t.number for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert set(finished) <= set(folders)
     for number in folders:
-        info = json.loads((tmp_path / "sweeps" / "resume" / str(number) / "run.json").read_text())
-        assert info["trial"]["number"] == number
+        path = tmp_path / "sweeps" / "resume" / str(number) / "run.json"
+        if path.exists():
+            assert json.loads(path.read_text())["trial"]["number"] == number
+        else:  # killed between Hydra creating the job folder and the run writing run.json
+            assert number in {t.number for t in interrupted}
 
 
 def test_two_controllers_share_one_study(tiny_model: Path, tmp_path: Path) -> None:
