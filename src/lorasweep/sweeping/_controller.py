@@ -437,15 +437,14 @@ def _close_interrupted(attrs: Mapping[str, Any]) -> None:
 
     run_dir = attrs.get("run_dir")
     record_path = Path(str(run_dir)) / "run.json" if run_dir else None
+    tracking_uri = None
     if record_path is not None and record_path.is_file():
         record = json.loads(record_path.read_text())
+        tracking_uri = (record.get("mlflow") or {}).get("tracking_uri")
         if record.get("status") == "RUNNING":
             record.update(status="KILLED", error="interrupted: its sweep controller stopped while it ran")
             atomic_write_json(record_path, record)
     run_id = attrs.get("mlflow_run_id")
-    tracking_uri = None
-    if record_path is not None and record_path.is_file():
-        tracking_uri = (json.loads(record_path.read_text()).get("mlflow") or {}).get("tracking_uri")
     if run_id and tracking_uri:
         from mlflow import MlflowClient
 
