@@ -12,7 +12,7 @@ import itertools
 import textwrap
 import typing
 
-from lorasweep.config.train import GROUPS, TrainConfig
+from lorasweep.config.train import EXTRA_NODES, GROUPS, TrainConfig
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -46,7 +46,7 @@ def render() -> str:
     from hydra_plugins.lorasweep_optuna.process_launcher import LorasweepProcessLauncherConf
 
     hints_root = typing.get_type_hints(TrainConfig)
-    sections = [(group, hints_root[group]) for group in (*GROUPS, "trial")]
+    sections = [(group, hints_root[group]) for group in (*GROUPS, *EXTRA_NODES)]
     sections += [("hydra.sweeper", LorasweepOptunaConf), ("hydra.launcher", LorasweepProcessLauncherConf)]
     for group, cls in sections:
         hints = typing.get_type_hints(cls)

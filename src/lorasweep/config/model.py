@@ -23,5 +23,24 @@ class ModelConfig:
     """Where built/converted models are cached. null = ``$LORASWEEP_CACHE_DIR`` or ``~/.cache/lorasweep``.
     Does not change results, only where files live."""
 
+    vae: str | None = None
+    """A replacement VAE (diffusers folder or single ``.safetensors`` file) used to encode latents and decode
+    samples. kohya: ``--vae``."""
+
+    v2: bool = False
+    """The base is SD 2.x (OpenCLIP-H text encoder, 1024-dim cross-attention). kohya: ``--v2``."""
+
+    v_parameterization: bool = False
+    """The model predicts v (SD 2.x 768-v models), so the training target is v = α·ε − σ·x₀, not ε.
+    kohya: ``--v_parameterization``."""
+
+    tokenizer: str | None = None
+    """A local tokenizer folder for single-file checkpoints (they carry no tokenizer); null = the
+    tokenizer of the local hub cache (openai/clip-vit-large-patch14, or the SD 2 one with ``v2``)."""
+
+    max_token_length: int = 75
+    """Caption length in CLIP tokens: 75, 150 or 225. Longer than 75 is encoded in 75-token chunks whose
+    hidden states are concatenated, as kohya does. Seed: ``max_clip_token_length``."""
+
     def validate(self, key: str = "model") -> None:
         check_range(f"{key}.clip_skip", self.clip_skip, low=1, high=12)

@@ -39,6 +39,10 @@ class NetworkConfig:
     dropout: float = 0.0
     """Dropout on the LoRA input (peft ``lora_dropout``; kohya ``--network_dropout``)."""
 
+    init_weights: str | None = None
+    """Start from this LoRA file's weights (kohya ``--network_weights``; seed ``lora_model_for_resume``):
+    weights only, the optimizer starts fresh. Its rank, alpha and modules must match this config."""
+
     def validate(self, key: str = "network") -> None:
         check_range(f"{key}.dim", self.dim, low=1, high=1024)
         if self.alpha is not None:

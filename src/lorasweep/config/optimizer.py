@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from lorasweep.config._checks import check_choice, check_range
 
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion")
 
 
 @dataclass
@@ -36,6 +37,10 @@ class OptimizerConfig:
 
     eps: float = 1e-8
     """AdamW epsilon."""
+
+    args: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the optimizer's constructor (kohya ``--optimizer_args``), e.g.
+    ``+optimizer.args.d_coef=2`` for Prodigy."""
 
     def validate(self, key: str = "optimizer") -> None:
         check_choice(f"{key}.name", self.name, OPTIMIZERS)

@@ -28,6 +28,22 @@ class OutputConfig:
     no_metadata: bool = False
     """Save the LoRA without ``ss_*`` training metadata."""
 
+    format: str = "safetensors"
+    """File format of the saved LoRA: ``safetensors``, or the pickle formats ``ckpt``/``pt`` (written only on
+    request; lorasweep never loads pickles). Seed: ``save_as``; kohya ``--save_model_as``."""
+
+    export_dir: str | None = None
+    """Also copy the final LoRA (and snapshots) here; the run folder keeps its own copy. Seed:
+    ``output_folder``; kohya ``--output_dir``."""
+
+    save_every_n_epochs: int | None = None
+    """Save a numbered snapshot ``<name>-000001`` every N epochs (and the training state with
+    ``save_state``); null = only the final file."""
+
+    save_state: bool = False
+    """With each save, also save the training state (LoRA, optimizer, scheduler, grad scaler, RNGs, data
+    position) under ``state/`` for an exact resume. The frozen base is never stored."""
+
     def validate(self, key: str = "output") -> None:
         for sub in ("name", "run_name"):
             value = getattr(self, sub)

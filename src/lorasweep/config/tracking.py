@@ -25,5 +25,9 @@ class TrackingConfig:
     tags: dict[str, str] = field(default_factory=dict)
     """Extra tags set on the MLflow run."""
 
+    tensorboard_dir: str | None = None
+    """Also write TensorBoard event files (loss, learning rates, validation loss) into
+    ``<tensorboard_dir>/<run name>``. Seed: ``log_dir``; kohya ``--logging_dir``."""
+
     def validate(self, key: str = "tracking") -> None:
         return None

@@ -13,11 +13,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from lorasweep.config.data import DataConfig
+from lorasweep.config.legacy import LegacyConfig
 from lorasweep.config.model import ModelConfig
 from lorasweep.config.network import NetworkConfig
 from lorasweep.config.optimizer import OptimizerConfig
 from lorasweep.config.output import OutputConfig
 from lorasweep.config.precision import PrecisionConfig
+from lorasweep.config.resume import ResumeConfig
 from lorasweep.config.sampling import SamplingConfig
 from lorasweep.config.scheduler import SchedulerConfig
 from lorasweep.config.tracking import TrackingConfig
@@ -28,6 +30,8 @@ from lorasweep.errors import UserError
 
 GROUPS = ("model", "data", "network", "optimizer", "scheduler", "training", "precision", "sampling",
           "validation", "output", "tracking")
+EXTRA_NODES = ("trial", "resume", "legacy")
+"""Root nodes without a conf/ group: set by the sweeper, ``lorasweep resume`` or overrides."""
 SCHEMA_NAME = "train_schema"
 
 
@@ -48,12 +52,17 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     trial: TrialConfig = field(default_factory=TrialConfig)
     """Set by the Optuna sweeper for each trial (see :class:`TrialConfig`); empty otherwise."""
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    """Continue from a saved training state (see :class:`ResumeConfig`)."""
+    legacy: LegacyConfig = field(default_factory=LegacyConfig)
+    """LETS JSON in and out (see :class:`LegacyConfig`)."""
 
     def validate(self) -> None:
         """Check ranges and combinations that types cannot express, group by group."""
         for group in GROUPS:
             getattr(self, group).validate(group)
-        self.trial.validate("trial")
+        for node in EXTRA_NODES:
+            getattr(self, node).validate(node)
         if not (self.network.train_unet or self.network.train_text_encoder):
             raise UserError("network.train_unet / network.train_text_encoder",
                             "both are false, so nothing would be trained.",

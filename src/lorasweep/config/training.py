@@ -8,7 +8,7 @@ from lorasweep.config._checks import check_choice, check_range
 from lorasweep.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION = ("sdpa", "eager")
+ATTENTION = ("sdpa", "xformers", "eager")
 
 
 @dataclass
@@ -38,10 +38,14 @@ class TrainingConfig:
     """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``."""
 
     attention: str = "sdpa"
-    """UNet attention backend: ``sdpa`` (PyTorch scaled_dot_product_attention) or ``eager``."""
+    """UNet attention backend: ``sdpa`` (PyTorch scaled_dot_product_attention), ``xformers`` (needs the
+    xformers package and CUDA) or ``eager``. Seed: ``xformers``."""
 
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (slower)."""
+
+    prior_loss_weight: float = 1.0
+    """Weight of the loss on regularisation images (``data.reg_dir``), DreamBooth prior preservation."""
 
     log_every_n_steps: int = 10
     """How often loss, learning rates and throughput are logged (and the only host-device syncs)."""

@@ -1,0 +1,17 @@
+"""The ``resume`` node: continue a run from a saved training state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ResumeConfig:
+    """Resume from a state saved with ``output.save_state`` (``lorasweep resume RUN`` sets it)."""
+
+    state_dir: str | None = None
+    """A ``state/`` folder of a run (seed ``load_previous_save_state``; kohya ``--resume``); null = a fresh
+    start."""
+
+    def validate(self, key: str = "resume") -> None:
+        return None
