@@ -62,6 +62,17 @@ class TrainingConfig:
         check_choice(f"{key}.device", self.device, DEVICES)
         check_choice(f"{key}.attention", self.attention, ATTENTION)
         check_range(f"{key}.log_every_n_steps", self.log_every_n_steps, low=1)
+        check_range(f"{key}.prior_loss_weight", self.prior_loss_weight, low=0.0)
+        if self.attention == "xformers":
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is None:
+                raise UserError(f"{key}.attention", "is xformers but the xformers package is not installed.",
+                                "Use `training.attention=sdpa` (PyTorch's fused attention, as fast on current "
+                                "PyTorch) or `pip install xformers` matching your torch and CUDA.")
+            if self.device == "cpu":
+                raise UserError(f"{key}.attention", "xformers needs a CUDA device; training.device is cpu.",
+                                "Use `training.attention=sdpa`.")
         if self.device == "cuda":
             import torch
 

@@ -1,0 +1,177 @@
+"""Training state for an exact resume: LoRA, optimizer, LR scheduler, grad scaler, every RNG and the data
+position — never the frozen base (``accelerate.save_state`` would store the whole ≈4 GB SD-1.5 base too).
+
+Layout of one state folder (``<run>/state/step-000120/``):
+
+* ``lora.safetensors`` — the LoRA in kohya format, float32 (the training dtype, not ``precision.save``);
+* ``training.pt`` — optimizer, scheduler and scaler state dicts and RNG states: tensors and plain Python
+  values only, so it loads with ``torch.load(weights_only=True)``;
+* ``state.json`` — step, epoch, batch position and the fingerprint of the settings a resume must not change.
+
+A folder is written under a temporary name and renamed, so a crash mid-save leaves the previous state
+intact and never a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorasweep.config.train import TrainConfig
+from lorasweep.errors import UserError
+
+LORA_FILE = "lora.safetensors"
+TRAINING_FILE = "training.pt"
+STATE_FILE = "state.json"
+FORMAT_VERSION = 1
+
+#: Keys whose change would make a resumed run something other than the continuation of the saved one.
+_FINGERPRINT_KEYS = ("model.base", "model.vae", "model.v2", "model.v_parameterization", "model.clip_skip",
+                     "model.max_token_length", "data", "network", "optimizer", "scheduler", "training.max_steps",
+                     "training.epochs", "training.batch_size", "training.grad_accum_steps", "training.seed",
+                     "training.max_grad_norm", "training.prior_loss_weight", "precision.mixed")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: ``step`` optimizer steps done; the next micro-batch is ``batch`` of ``epoch``
+    (1-based epochs, as kohya counts them)."""
+
+    step: int
+    epoch: int
+    batch: int
+
+
+def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings that define the trajectory, as plain values (compared key by key on resume)."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(plain, dict)
+    out: dict[str, Any] = {}
+    for key in _FINGERPRINT_KEYS:
+        node: Any = plain
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _numpy_state() -> dict[str, Any]:
+    """numpy's legacy global state as tensors and numbers (a raw ndarray would need an unsafe unpickler)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached)}
+
+
+def rng_states(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """The global Python/numpy/torch(/CUDA) RNG states and those of the loop's own ``generators``."""
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": _numpy_state(),
+        "torch": torch.get_rng_state(),
+        "generators": {name: gen.get_state() for name, gen in generators.items()},
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), int(numpy["pos"]),
+                         int(numpy["has_gauss"]), float(numpy["cached_gaussian"])))
+    torch.set_rng_state(states["torch"])
+    for name, gen in generators.items():
+        gen.set_state(states["generators"][name])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_state(folder: Path, *, cfg: TrainConfig, position: Position, lora: dict[str, torch.Tensor],
+               optimizer: Any, scheduler: Any, scaler: Any, generators: dict[str, torch.Generator],
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write one state folder ``folder`` atomically (temporary sibling, then rename); never replaces one.
+
+    ``extra``: JSON-able run facts the continuation needs (e.g. the validation history so far)."""
+    from safetensors.torch import save_file
+
+    if folder.exists():
+        raise UserError(str(folder), "already exists; refusing to overwrite a saved training state.",
+                        "Resume into a new run folder.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file({k: v.contiguous() for k, v in lora.items()}, str(tmp / LORA_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": None if scaler is None else scaler.state_dict(),
+                    "rng": rng_states(generators)}, tmp / TRAINING_FILE)
+        fp = fingerprint(cfg)
+        (tmp / STATE_FILE).write_text(json.dumps({
+            "format": FORMAT_VERSION, "step": position.step, "epoch": position.epoch, "batch": position.batch,
+            "fingerprint": fp, "fingerprint_digest": _digest(fp),
+            "extra": extra or {}}, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+@dataclass(frozen=True)
+class SavedState:
+    folder: Path
+    position: Position
+    lora: dict[str, torch.Tensor]
+    training: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def load_state_meta(folder: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """Check a state folder against ``cfg`` (complete, same format, same trajectory-defining settings) and
+    return its ``state.json``; cheap, so ``preflight`` runs it before anything starts."""
+    key = "resume.state_dir"
+    if not folder.is_dir():
+        raise UserError(key, f"{folder} is not a folder.",
+                        "Point it at a run's state/step-NNNNNN folder (saved with output.save_state=true).")
+    missing = [name for name in (LORA_FILE, TRAINING_FILE, STATE_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise UserError(key, f"{folder} lacks {', '.join(missing)}, so it is not a complete training state.",
+                        "Use another state folder of the run.")
+    meta: dict[str, Any] = json.loads((folder / STATE_FILE).read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise UserError(key, f"{folder} has state format {meta.get('format')}, this lorasweep reads "
+                        f"{FORMAT_VERSION}.", "Resume with the lorasweep version that saved it.")
+    saved, now = meta["fingerprint"], fingerprint(cfg)
+    changed = sorted(k for k in set(saved) | set(now) if _digest(saved.get(k)) != _digest(now.get(k)))
+    if changed:
+        raise UserError(key, f"the config differs from the saved run's in {', '.join(changed)}, so resuming would "
+                        "not continue that run.", "Resume with the run's own config.yaml (lorasweep resume RUN "
+                        "does), or start a new run with network.init_weights=<its LoRA> instead.")
+    return meta
+
+
+def load_state(folder: Path, cfg: TrainConfig) -> SavedState:
+    """Read a state folder (checked by :func:`load_state_meta`) for the loop to continue from."""
+    from safetensors.torch import load_file
+
+    meta = load_state_meta(folder, cfg)
+    training = torch.load(folder / TRAINING_FILE, map_location="cpu", weights_only=True)
+    position = Position(int(meta["step"]), int(meta["epoch"]), int(meta["batch"]))
+    return SavedState(folder, position, load_file(str(folder / LORA_FILE)), training, meta.get("extra", {}))
