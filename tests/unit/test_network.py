@@ -224,7 +224,9 @@ def test_target_module_names_and_counts(pipe: StableDiffusionPipeline) -> None:
 
 
 def test_sd15_sized_counts() -> None:
-    """Real SD-1.5 shapes (built on the meta device: no weights, no download): 192 UNet + 72 TE modules."""
+    """Real SD-1.5 / CLIP ViT-L shapes (built on the meta device: no weights, no download): the default
+    kohya target is exactly 264 modules, 192 UNet (16 Transformer2DModels × 12) + 72 text encoder (12 × 6),
+    i.e. every Linear and 1×1 conv inside the transformer blocks and nothing else."""
     with torch.device("meta"):
         unet = UNet2DConditionModel(
             sample_size=64,
@@ -233,10 +235,28 @@ def test_sd15_sized_counts() -> None:
             block_out_channels=(320, 640, 1280, 1280),
         )
         te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12))
-    assert len(unet_target_modules(unet, "kohya")) == 192  # 16 Transformer2DModels × 12
-    assert len(unet_target_modules(unet, "attention")) == 128
-    assert len(text_encoder_target_modules(te, "kohya")) == 72
-    assert len(text_encoder_target_modules(te, "attention")) == 48
+    unet_kohya = unet_target_modules(unet, "kohya")
+    te_kohya = text_encoder_target_modules(te, "kohya")
+    assert (len(unet_kohya), len(te_kohya)) == (192, 72)
+    assert len(set(unet_kohya)) == 192 and len(set(te_kohya)) == 72
+
+    # the same set, enumerated independently: every Linear / 1×1 Conv2d below a Transformer2DModel
+    expected: list[str] = []
+    for name, module in unet.named_modules():
+        if type(module).__name__ == "Transformer2DModel":
+            expected += [f"{name}.{c}" for c, m in module.named_modules()
+                         if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))]
+    assert sorted(unet_kohya) == sorted(expected)
+    convs = [n for n in unet_kohya if isinstance(unet.get_submodule(n), nn.Conv2d)]
+    assert len(convs) == 32 and all(n.endswith(("proj_in", "proj_out")) for n in convs)  # SD-1.x: 1×1 convs
+    layers = te_kohya[0].split("layers.0.")[0] + "layers"
+    assert sorted(te_kohya) == sorted(f"{layers}.{i}.{leaf}" for i in range(12) for leaf in TE_LAYER_KOHYA)
+    assert all(isinstance(te.get_submodule(n), nn.Linear) for n in te_kohya)
+
+    unet_attention = unet_target_modules(unet, "attention")
+    te_attention = text_encoder_target_modules(te, "attention")
+    assert (len(unet_attention), len(te_attention)) == (128, 48)  # narrower: q/k/v/out only
+    assert set(unet_attention) < set(unet_kohya) and set(te_attention) < set(te_kohya)
 
 
 def test_kohya_export_keys_and_conv_shapes(pipe: StableDiffusionPipeline) -> None:

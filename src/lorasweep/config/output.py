@@ -5,7 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lorasweep.config._checks import check_choice, check_range
 from lorasweep.errors import UserError
+
+FORMATS = ("safetensors", "ckpt", "pt")
+"""LoRA file formats, kohya ``--save_model_as`` (its ``diffusers`` formats are full models, not LoRAs)."""
 
 
 @dataclass
@@ -23,14 +27,18 @@ class OutputConfig:
     """Suffix of the run folder name ``<date>_<time>_<run_name>``."""
 
     comment: str | None = None
-    """Free text stored in the LoRA metadata as ``ss_training_comment``."""
+    """Free text stored in the LoRA metadata as ``ss_training_comment`` (kohya ``--training_comment``)."""
 
     no_metadata: bool = False
-    """Save the LoRA without ``ss_*`` training metadata."""
+    """Save the LoRA without any ``ss_*`` training metadata (kohya ``--no_metadata``; kohya still keeps six
+    ``ss_*`` keys naming the network, lorasweep keeps none). The ``sshs_*`` content hashes stay, as in
+    kohya: they describe the tensors, not the training."""
 
     format: str = "safetensors"
-    """File format of the saved LoRA: ``safetensors``, or the pickle formats ``ckpt``/``pt`` (written only on
-    request; lorasweep never loads pickles). Seed: ``save_as``; kohya ``--save_model_as``."""
+    """File format of the saved LoRA, which is also its extension: ``safetensors``, or the pickle formats
+    ``ckpt``/``pt`` (a ``torch.save`` of the same kohya state dict, for old tools; written only on request,
+    carry no metadata at all, as in kohya, and lorasweep never loads them). Seed: ``save_as``; kohya
+    ``--save_model_as``."""
 
     export_dir: str | None = None
     """Also copy the final LoRA (and snapshots) here; the run folder keeps its own copy. Seed:
@@ -50,3 +58,6 @@ class OutputConfig:
             if not value or not re.fullmatch(r"[\w.\-]+", value):
                 raise UserError(f"{key}.{sub}", f"{value!r} is not a usable file name.",
                                 "Use letters, digits, '.', '_' and '-' only.")
+        check_choice(f"{key}.format", self.format, FORMATS)
+        if self.save_every_n_epochs is not None:
+            check_range(f"{key}.save_every_n_epochs", self.save_every_n_epochs, low=1)

@@ -16,11 +16,15 @@ underscore), so the reverse mapping is always built from the module names of the
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
@@ -28,6 +32,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorasweep.errors import UserError
+
+log = logging.getLogger(__name__)
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
@@ -229,50 +235,168 @@ def from_kohya_state_dict(
             param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
-def save_lora_file(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
-    """Write ``tensors`` as safetensors at ``path``, atomically and never over an existing file.
+LORA_FORMATS = ("safetensors", "ckpt", "pt")
+"""Formats :func:`save_lora` writes (``output.format``); the last two are pickles, written on request only."""
 
-    The bytes go to ``path.with_suffix('.tmp-<pid>')`` first and are then ``os.replace``d into place, so a
-    crash or a full disk leaves either no file or the complete one, never a truncated LoRA that loads as
-    garbage later. An existing ``path`` is a ``UserError``: LoRA files are results, silently overwriting one
-    (e.g. a re-run writing into the same run folder) would destroy a trial's output.
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> None:
+    if metadata is None:
+        return
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
+    if bad:
+        raise TypeError(f"safetensors metadata keys and values must be str, got {bad}")
+
+
+def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def _write_new(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` and move the result to ``path``, atomically and never over an existing file.
+
+    The bytes go to a hidden temp name beside ``path`` first, so a crash or a full disk leaves either no
+    file or the complete one, never a truncated LoRA that loads as garbage later. The temp file is then
+    hard-linked to ``path``, which fails if ``path`` exists, so not even a concurrent writer can be
+    overwritten (where the file system has no hard links: an existence check, then ``os.replace``). An
+    existing ``path`` is a ``UserError``: LoRA files are results, and silently replacing one (a re-run
+    writing into the same folder) would destroy a trial's output.
     """
-    path = Path(path)
-    if metadata is not None:
-        bad = {
-            k: type(v).__name__
-            for k, v in metadata.items()
-            if not isinstance(k, str) or not isinstance(v, str)
-        }
-        if bad:
-            raise TypeError(f"safetensors metadata keys and values must be str, got {bad}")
+
+    def refuse() -> UserError:
+        return UserError(str(path), "already exists; refusing to overwrite a saved LoRA.",
+                         "Choose a new output folder or name, or delete the file.")
+
     if path.exists():
-        raise UserError(
-            str(path),
-            "already exists; refusing to overwrite a saved LoRA.",
-            "Choose a new output folder or delete the file.",
-        )
+        raise refuse()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        write(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise refuse() from None
+        except OSError:
+            if path.exists():
+                raise refuse() from None
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors on CPU, metadata) of a safetensors LoRA; a missing or unreadable file is a ``UserError``."""
+def save_lora_file(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``tensors`` and exactly ``metadata`` as safetensors at ``path`` (atomic, never overwrites).
+
+    The raw writer: no extension handling and no hashes added. Trained LoRAs go through :func:`save_lora`.
+    """
+    _check_metadata(metadata)
+    _write_new(Path(path), lambda tmp: save_file(_contiguous(tensors), str(tmp), metadata=dict(metadata or {})
+                                                  or None))
+
+
+def kohya_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[str, str]:
+    """(``sshs_model_hash``, ``sshs_legacy_hash``) exactly as kohya's ``precalculate_safetensors_hashes``.
+
+    Both are computed over the safetensors serialisation of ``tensors`` with only the ``ss_*`` part of
+    ``metadata`` (user keys added later must not change them): the model hash is the SHA-256 of everything
+    after the header (the tensor bytes, so it equals the data-section hash of the file actually written),
+    the legacy hash is the first 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB (of nothing, for
+    files under 1 MiB). A1111's additional-networks extension uses them to index LoRAs without rehashing.
+    """
+    training = {k: v for k, v in (metadata or {}).items() if k.startswith("ss_")}
+    blob = safetensors.torch.save(_contiguous(tensors), training)
+    header_len = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_len:]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def lora_path(path: Path | str, fmt: str) -> Path:
+    """``path`` with the extension of ``fmt`` (kept when it already has it: ``lora`` and ``lora.safetensors``
+    both give ``lora.safetensors``; a dot inside a name such as ``v1.2`` is not taken for an extension)."""
+    if fmt not in LORA_FORMATS:
+        raise ValueError(f"unknown LoRA format {fmt!r}; use one of {LORA_FORMATS}")
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == f".{fmt}":
+        return path
+    if suffix in (".safetensors", *_PICKLE_SUFFIXES):
+        raise ValueError(f"{path} has the extension {path.suffix} but the format is {fmt}")
+    return path.with_name(f"{path.name}.{fmt}")
+
+
+def save_lora(
+    path: Path | str,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None,
+    fmt: str = "safetensors",
+) -> Path:
+    """Write a trained LoRA as kohya does, atomically and never over an existing file; return its path.
+
+    ``path`` may omit the extension (see :func:`lora_path`). ``tensors`` are saved in the dtype they have
+    (``precision.save`` is applied when exporting, :meth:`LoraNetwork.state_dict`).
+
+    * ``safetensors``: ``metadata`` (the ``ss_*`` keys of :func:`~lorasweep.network.metadata.kohya_metadata`;
+      empty or None for ``output.no_metadata``) plus ``sshs_model_hash``/``sshs_legacy_hash``, which kohya
+      adds to every safetensors LoRA, also without metadata.
+    * ``ckpt``/``pt``: ``torch.save`` of the plain state dict, as kohya writes them. Pickles have no header,
+      so the metadata is dropped, again as in kohya.
+    """
+    target = lora_path(path, fmt)
+    _check_metadata(metadata)
+    contiguous = _contiguous(tensors)
+    if fmt == "safetensors":
+        header = dict(metadata or {})
+        header["sshs_model_hash"], header["sshs_legacy_hash"] = kohya_hashes(contiguous, header)
+        _write_new(target, lambda tmp: save_file(contiguous, str(tmp), metadata=header))
+    else:
+        if metadata:
+            log.info("%s: the %s format has no header; %d metadata keys are not saved", target, fmt, len(metadata))
+        _write_new(target, lambda tmp: torch.save(contiguous, tmp))
+    return target
+
+
+def export_copy(src: Path | str, dest: Path | str) -> Path:
+    """Copy a saved LoRA to ``dest`` (``output.export_dir``) with the same guarantees as :func:`save_lora`:
+    complete or absent, never over an existing file. Returns ``dest``."""
+    dest = Path(dest)
+    _write_new(dest, lambda tmp: shutil.copyfile(src, tmp))
+    return dest
+
+
+def _pickle_refusal(path: Path) -> UserError:
+    return UserError(
+        str(path),
+        "is a pickled checkpoint (.ckpt/.pt); lorasweep never loads pickles, because unpickling a file can "
+        "run arbitrary code.",
+        "Use the LoRA's .safetensors release, or convert the file with a tool you trust.",
+    )
+
+
+def load_lora_file(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors on CPU, metadata) of a safetensors LoRA.
+
+    A missing or unreadable file is a ``UserError``; so is a pickle (``.ckpt``/``.pt``, or a torch zip
+    under another name), which is never opened as one.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(str(path), "no such LoRA file.", "Check the path (it must be a .safetensors file).")
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise _pickle_refusal(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        with path.open("rb") as fh:
+            if fh.read(4) == _ZIP_MAGIC:
+                raise _pickle_refusal(path) from exc
         raise UserError(
             str(path),
             f"is not a readable safetensors file ({exc}).",

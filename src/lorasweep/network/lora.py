@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -32,7 +33,13 @@ from torch import nn
 
 from lorasweep.config.network import TARGETS, NetworkConfig
 from lorasweep.errors import UserError
-from lorasweep.network.kohya import ADAPTER_NAME, from_kohya_state_dict, lora_layers, to_kohya_state_dict
+from lorasweep.network.kohya import (
+    ADAPTER_NAME,
+    from_kohya_state_dict,
+    load_lora_file,
+    lora_layers,
+    to_kohya_state_dict,
+)
 
 _UNET_ATTENTION = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 _TE_BLOCK = re.compile(r"(^|\.)encoder\.layers\.\d+\.(self_attn|mlp)$")
@@ -252,13 +259,7 @@ def inject_lora(
     model's. LoRA tensors are float32 whatever the base dtype: with an fp16 base, fp16 trainable tensors
     would make AMP's grad scaler refuse to unscale (and lose small updates). ``seed``: see the module doc.
     """
-    cfg.validate()
-    if not (cfg.train_unet or cfg.train_text_encoder):
-        raise UserError(
-            "network",
-            "train_unet and train_text_encoder are both false: nothing to train.",
-            "Set network.train_unet=true and/or network.train_text_encoder=true.",
-        )
+    cfg.validate()  # also refuses train_unet = train_text_encoder = false: nothing to train
     for label, model in (("UNet", unet), ("text encoder", text_encoder)):
         if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
             raise RuntimeError(
@@ -307,3 +308,17 @@ def inject_lora(
         param.data = param.data.float()
         param.requires_grad_(True)
     return network
+
+
+def init_from_file(network: LoraNetwork, path: Path | str) -> dict[str, str]:
+    """``network.init_weights``: copy a kohya LoRA file's weights into ``network``; return its metadata.
+
+    Weights only (the optimizer starts fresh, kohya ``--network_weights``). The file must be safetensors
+    (pickles are refused) and match the config exactly: rank (``network.dim``), alpha (``network.alpha``; a
+    module without ``.alpha`` means alpha = rank, as in kohya) and the adapted modules (``network.target`` /
+    ``train_unet`` / ``train_text_encoder``); any mismatch is a ``UserError`` and leaves the network as it
+    was. Any dtype is accepted (kohya saves fp16 by default); the values are cast to the LoRA's float32.
+    """
+    tensors, metadata = load_lora_file(path)
+    network.load_kohya_state_dict(tensors, source=str(path))
+    return metadata
