@@ -383,6 +383,11 @@ def test_output_validation() -> None:
     assert "safetensors" in str(err.value)
     with pytest.raises(UserError, match=r"output\.save_every_n_epochs"):
         OutputConfig(save_every_n_epochs=0).validate()
+    with pytest.raises(UserError, match=r"output\.name.*extension"):
+        OutputConfig(name="shiroko.safetensors").validate()
+    with pytest.raises(UserError, match=r"output\.name"):
+        OutputConfig(name="shiroko.CKPT", format="ckpt").validate()
+    OutputConfig(name="shiroko-v1.5").validate()  # a dot inside a name is fine
 
 
 def test_saved_metadata_round_trips_through_the_file(tmp_path: Path) -> None:

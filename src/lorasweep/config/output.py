@@ -21,7 +21,8 @@ class OutputConfig:
     lorasweep is started in."""
 
     name: str = "lora"
-    """File name of the saved LoRA (without extension), seed name ``change_output_name``."""
+    """File name of the saved LoRA without extension (``output.format`` adds it), seed name
+    ``change_output_name``."""
 
     run_name: str = "train"
     """Suffix of the run folder name ``<date>_<time>_<run_name>``."""
@@ -59,5 +60,9 @@ class OutputConfig:
                 raise UserError(f"{key}.{sub}", f"{value!r} is not a usable file name.",
                                 "Use letters, digits, '.', '_' and '-' only.")
         check_choice(f"{key}.format", self.format, FORMATS)
+        suffix = self.name.rpartition(".")[2].lower() if "." in self.name else ""
+        if suffix in (*FORMATS, "pth", "bin"):
+            raise UserError(f"{key}.name", f"{self.name!r} ends in a file extension; output.format adds it.",
+                            f"Use `{key}.name={self.name.rpartition('.')[0]}` and `{key}.format=<format>`.")
         if self.save_every_n_epochs is not None:
             check_range(f"{key}.save_every_n_epochs", self.save_every_n_epochs, low=1)
