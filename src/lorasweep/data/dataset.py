@@ -1,7 +1,8 @@
-"""Scan a kohya-layout image folder, read captions, prepare pixels, and split off validation images.
+"""Scan a kohya-layout image folder, read captions, and split off validation images.
 
 Layout: ``<root>/<repeats>_<concept>/<image>.<ext>`` with ``<image><caption_extension>`` beside it. The same
-code reads the built-in synthetic set and a user's folder.
+code reads the built-in synthetic set, a user's training folder and a regularisation folder. Pixels are
+prepared by :mod:`lorasweep.data.images`, batches by :mod:`lorasweep.data.loader`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from lorasweep.config.data import BucketConfig
+from lorasweep.data import images
+from lorasweep.data.buckets import fit_image
 from lorasweep.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,10 @@ class ImageItem:
     caption: str
     repeats: int
     concept: str
+    is_reg: bool = False
+    """A regularisation (class) image: its loss is weighted by ``training.prior_loss_weight``."""
+    size: tuple[int, int] = (0, 0)
+    """Displayed (width, height) read from the file header at scan time; (0, 0) = not known."""
 
 
 @dataclass(frozen=True)
@@ -40,11 +46,14 @@ class ScanResult:
     missing_captions: int
 
 
-def scan_folder(root: Path, caption_extension: str, key: str = "data.train_dir") -> ScanResult:
-    """List every image under ``root``'s ``<repeats>_<concept>`` folders with its caption.
+def scan_folder(root: Path, caption_extension: str, key: str = "data.train_dir", *,
+                is_reg: bool = False) -> ScanResult:
+    """List every image under ``root``'s ``<repeats>_<concept>`` folders with its caption and size.
 
     An image without a caption file trains with the empty caption (kohya does the same) and is counted and
-    warned about, because it is usually a mistake worth seeing.
+    warned about, because it is usually a mistake worth seeing. Only a caption file's first non-blank line
+    is the caption, as in kohya. ``key`` names the folder's config key in errors (``data.reg_dir`` for
+    regularisation images, which get ``is_reg=True``).
     """
     if not root.exists():
         raise UserError(key, f"the folder {root} does not exist.",
@@ -59,6 +68,7 @@ def scan_folder(root: Path, caption_extension: str, key: str = "data.train_dir")
                         "per epoch.")
     items: list[ImageItem] = []
     missing = 0
+    multi_line = 0
     for concept_dir in concept_dirs:
         match = _CONCEPT_DIR.match(concept_dir.name)
         assert match is not None
@@ -69,22 +79,35 @@ def scan_folder(root: Path, caption_extension: str, key: str = "data.train_dir")
         for image_path in sorted(concept_dir.iterdir()):
             if image_path.suffix.lower() not in IMAGE_EXTENSIONS or not image_path.is_file():
                 continue
-            check_readable(image_path)
+            size = images.probe_image(image_path)
             caption_path = image_path.with_suffix(caption_extension)
             if caption_path.is_file():
-                caption = caption_path.read_text(encoding="utf-8").strip()
+                lines = [line.strip() for line in _read_caption(caption_path).splitlines() if line.strip()]
+                caption = lines[0] if lines else ""
+                multi_line += len(lines) > 1
             else:
                 missing += 1
                 log.warning("no caption file %s: training %s with the empty caption", caption_path.name,
                             image_path)
                 caption = ""
-            items.append(ImageItem(image_path, caption, repeats, concept))
+            items.append(ImageItem(image_path, caption, repeats, concept, is_reg=is_reg, size=size))
     if not items:
         raise UserError(key, f"no images ({', '.join(IMAGE_EXTENSIONS)}) were found under {root}.",
                         "Add images to its <repeats>_<concept> sub-folders.")
     if missing:
         log.warning("%d of %d images have no %s caption file", missing, len(items), caption_extension)
+    if multi_line:
+        log.warning("%d caption files under %s have more than one line; only the first is used (as in kohya)",
+                    multi_line, root)
     return ScanResult(items, missing)
+
+
+def _read_caption(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(str(path), f"is not UTF-8 text ({exc.reason} at byte {exc.start}).",
+                        "Save the caption file as UTF-8.") from None
 
 
 def split_validation(items: list[ImageItem], fraction: float, seed: int) -> tuple[list[ImageItem],
@@ -104,39 +127,14 @@ def split_validation(items: list[ImageItem], fraction: float, seed: int) -> tupl
 
 def check_readable(path: Path) -> None:
     """Fail before training, naming the file, rather than at the step that first loads it."""
-    try:
-        with Image.open(path) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UserError(str(path), f"cannot be read as an image ({exc}).",
-                        "Remove or replace the file, or move it out of the training folder.") from None
+    images.probe_image(path)
 
 
 def load_pixels(path: Path, resolution: int) -> torch.Tensor:
-    """Read any image mode (RGBA, L, CMYK, P ...) as RGB, resize the shorter side to ``resolution`` and
-    centre-crop; return a ``[3, H, W]`` float tensor in [-1, 1], the VAE's input range."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            image = _to_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(str(path), f"cannot be read as an image ({exc}).",
-                        "Remove or replace the file, or move it out of the training folder.") from None
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(new_size, Image.Resampling.LANCZOS)
-    left = (new_size[0] - resolution) // 2
-    top = (new_size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    """The square ``resolution`` centre crop of ``path`` as ``[3, H, W]`` in [-1, 1] (no buckets).
 
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Composite transparency onto white (as kohya does for RGBA) and convert everything else to RGB."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    Kept for callers that predate buckets; :func:`lorasweep.data.images.load_pixels` takes a bucket fit.
+    """
+    size = (resolution, resolution)
+    fit = fit_image(images.probe_image(path), size, BucketConfig(enabled=False), [size])
+    return images.load_pixels(path, fit)
