@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,6 +29,8 @@ from lorasweep.tracking.run_folder import RunFolder
 
 if TYPE_CHECKING:
     from lorasweep.sweeping.trial import TrialReporter
+    from lorasweep.tracking.tensorboard import TensorBoardLog
+    from lorasweep.training.loop import Plan
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class CheckedInputs:
     train_items: list[ImageItem]
     val_items: list[ImageItem]
     missing_captions: int
+    reg_items: tuple[ImageItem, ...] = ()
 
 
 #: What a job returns to a sweeper, and so the metrics a sweep may optimise (``hydra.sweeper.objective``).
@@ -94,15 +98,31 @@ def check_output_root(root: Path) -> None:
 
 def preflight(cfg: DictConfig | TrainConfig) -> CheckedInputs:
     """Every check that can fail on user input, before any folder, MLflow run or model load exists."""
+    from lorasweep.data.captions import check_keep_tokens
+    from lorasweep.data.loader import TrainData
     from lorasweep.models.loading import resolve_base
+    from lorasweep.training.state import load_state_meta
 
     tc = cfg if isinstance(cfg, TrainConfig) else to_train_config(cfg)
     resolve_base(tc.model)
     check_output_root(Path(tc.output.root))
     train_dir = resolve_train_dir(tc)
     scan = scan_folder(train_dir, tc.data.caption_extension)
+    reg_items: list[ImageItem] = []
+    if tc.data.reg_dir:
+        reg_items = scan_folder(Path(tc.data.reg_dir).expanduser(), tc.data.caption_extension, "data.reg_dir",
+                                is_reg=True).items
+    check_keep_tokens(scan.items, tc.data)
+    TrainData(scan.items, reg_items, tc.data, seed=tc.training.seed, batch_size=tc.training.batch_size,
+              prior_loss_weight=tc.training.prior_loss_weight)  # bucket fits: a too-small image fails here
+    if tc.resume.state_dir:
+        load_state_meta(Path(tc.resume.state_dir), tc)
+    if tc.network.init_weights and not Path(tc.network.init_weights).expanduser().is_file():
+        raise UserError("network.init_weights", f"{tc.network.init_weights} is not a file.",
+                        "Point it at a LoRA .safetensors file, or set it to null.")
+    # Regularisation images are never held out: the validation loss measures the concept being learned.
     train_items, val_items = split_validation(scan.items, tc.validation.split, tc.validation.seed)
-    return CheckedInputs(tc, train_dir, train_items, val_items, scan.missing_captions)
+    return CheckedInputs(tc, train_dir, train_items, val_items, scan.missing_captions, tuple(reg_items))
 
 
 def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = None,
@@ -117,9 +137,10 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
 
     from lorasweep.data.tags import format_tag_frequency, tag_frequency
     from lorasweep.models.loading import load_base_model
-    from lorasweep.network.kohya import save_lora_file
+    from lorasweep.network.kohya import save_lora
     from lorasweep.network.metadata import TrainingFacts, kohya_metadata
     from lorasweep.training.loop import lora_file_path, pick_device, train
+    from lorasweep.training.state import load_state
 
     checked = checked or preflight(cfg)
     tc = checked.config
@@ -132,7 +153,8 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
     handlers = attach_log_handlers(folder.log_path, console)
     started = time.time()
     frequency = tag_frequency(checked.train_items + checked.val_items)
-    atomic_write_text(run_dir / "tag_frequency.txt", format_tag_frequency(frequency))
+    if tc.data.tag_frequency_file:
+        atomic_write_text(run_dir / "tag_frequency.txt", format_tag_frequency(frequency, tc.data.tag_frequency_sort))
     all_tags = {"lorasweep.run_dir": str(run_dir.resolve()), **(tags or {})}
     reporter = None
     if tc.trial.active:
@@ -148,6 +170,7 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
     folder.start_record(
         name=run_dir.name, train_dir=str(checked.train_dir), device=str(pick_device(tc.training.device)),
         n_train_images=len(checked.train_items), n_val_images=len(checked.val_items),
+        n_reg_images=len(checked.reg_items), resumed_from=tc.resume.state_dir,
         missing_captions=checked.missing_captions, tags=all_tags,
         trial=None if not tc.trial.active else {"study": tc.trial.study_name, "number": tc.trial.number,
                                                 "storage": tc.trial.storage},
@@ -158,25 +181,51 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
     if reporter is not None:
         reporter.set_attrs(run_dir=str(run_dir.resolve()),
                            **({} if tracker is None else {"mlflow_run_id": tracker.run_id}))
-    recorder = _Recorder(folder, tracker, reporter)
+    board = None
+    if tc.tracking.tensorboard_dir:
+        from lorasweep.tracking.tensorboard import TensorBoardLog
+
+        board = TensorBoardLog(Path(tc.tracking.tensorboard_dir).expanduser(), run_dir.name)
+    recorder = _Recorder(folder, tracker, reporter, board)
     status = "FAILED"
     try:
         if tracker is not None:
             tracker.log_params(flatten(resolved))
             tracker.log_artifact(folder.config_path)
         base = load_base_model(tc.model)
+        base_hashes = _base_hashes(tc)
+        saved_state = load_state(Path(tc.resume.state_dir).expanduser(), tc) if tc.resume.state_dir else None
+
+        def facts(epoch: int, plan: Plan) -> TrainingFacts:
+            return TrainingFacts(
+                model_id=base.model_id, num_train_images=sum(it.repeats for it in checked.train_items),
+                num_batches_per_epoch=plan.batches_per_epoch, num_epochs=plan.epochs, epoch=epoch,
+                max_train_steps=plan.total_steps, warmup_steps=plan.warmup_steps, started_at=started,
+                tag_frequency=frequency, dataset_dirs=_dataset_dirs(checked.train_items),
+                num_validation_images=len(checked.val_items), num_reg_images=plan.num_reg_images,
+                reg_dataset_dirs=_dataset_dirs(list(checked.reg_items)), bucket_info=plan.bucket_info,
+                **base_hashes)
+
+        def save(name: str, tensors: dict[str, Any], meta_facts: TrainingFacts) -> Path:
+            path = lora_file_path(run_dir, name, tc.output.format)
+            save_lora(path, tensors, None if tc.output.no_metadata else kohya_metadata(tc, meta_facts),
+                      tc.output.format)
+            if tc.output.export_dir:
+                export_lora(path, Path(tc.output.export_dir).expanduser(), run_dir.name)
+            return path
+
+        def snapshot(epoch: int, step: int, tensors: dict[str, Any], plan: Plan) -> None:
+            path = save(f"{tc.output.name}-{epoch:06d}", tensors, facts(epoch, plan))
+            log.info("epoch %d: saved %s", epoch, path.name)
+
+        recorder.snapshot_saver = snapshot
         with TrainProgress(console, run_dir.name, enabled=show_progress) as progress:
             recorder.progress_bar = progress
             train_start = time.perf_counter()
-            result = train(tc, base, checked.train_items, checked.val_items, recorder)
+            result = train(tc, base, checked.train_items, checked.val_items, recorder,
+                           reg_items=list(checked.reg_items), resume=saved_state, state_root=run_dir / "state")
             train_time = time.perf_counter() - train_start
-        facts = TrainingFacts(
-            model_id=base.model_id, num_train_images=sum(it.repeats for it in checked.train_items),
-            num_batches_per_epoch=result.num_batches_per_epoch, num_epochs=result.epochs, epoch=result.epochs,
-            max_train_steps=result.steps, warmup_steps=result.warmup_steps, started_at=started,
-            tag_frequency=frequency, dataset_dirs=_dataset_dirs(checked.train_items))
-        lora_path = lora_file_path(run_dir, tc.output.name)
-        save_lora_file(lora_path, result.lora_tensors, None if tc.output.no_metadata else kohya_metadata(tc, facts))
+        lora_path = save(tc.output.name, result.lora_tensors, facts(result.plan.epochs, result.plan))
         status = "FINISHED"
         job_result = JobResult(run_dir, result.val_loss_start, result.val_loss, lora_path,
                                None if tracker is None else tracker.run_id, None if tracker is None else tracker.uri,
@@ -204,6 +253,8 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
         folder.update_record(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              duration_s=round(time.time() - started, 3))
         folder.close()
+        if board is not None:
+            board.close()
         detach_log_handlers(handlers)
         if tracker is not None:
             if reporter is not None:
@@ -215,9 +266,34 @@ def _finish_tracking(tracker: MlflowRun, folder: RunFolder, status: str) -> None
     for name in ("train.log", "run.json", "metrics.jsonl", "tag_frequency.txt"):
         if (folder.path / name).exists():
             tracker.log_artifact(folder.path / name)
-    for lora in sorted((folder.path / "lora").glob("*.safetensors")):
+    for lora in sorted(p for p in (folder.path / "lora").iterdir() if not p.name.startswith(".")):
         tracker.log_artifact(lora, "lora")
     tracker.end(status)
+
+
+def export_lora(path: Path, export_dir: Path, run_name: str) -> Path:
+    """Copy a saved LoRA into ``output.export_dir`` under its own name, or — when that name is taken, e.g. by
+    another trial of a sweep — under ``<name>_<run folder>``; an existing file is never replaced."""
+    from lorasweep.network.kohya import export_copy
+
+    export_dir.mkdir(parents=True, exist_ok=True)
+    target = export_dir / path.name
+    if target.exists():
+        target = export_dir / f"{path.stem}_{run_name}{path.suffix}"
+    return export_copy(path, target)
+
+
+def _base_hashes(cfg: TrainConfig) -> dict[str, str | None]:
+    """kohya's hashes of single-file base and VAE checkpoints (``ss_sd_model_hash`` ...); a folder has none."""
+    from lorasweep.network.metadata import legacy_model_hash, sha256_file
+
+    out: dict[str, str | None] = {}
+    for prefix, value in (("model", cfg.model.base), ("vae", cfg.model.vae)):
+        path = Path(value).expanduser() if value else None
+        if path is not None and path.is_file():
+            out[f"{prefix}_hash"] = legacy_model_hash(path)
+            out[f"new_{prefix}_hash"] = sha256_file(path)
+    return out
 
 
 def _dataset_dirs(items: list[ImageItem]) -> dict[str, dict[str, int]]:
@@ -231,17 +307,26 @@ def _dataset_dirs(items: list[ImageItem]) -> dict[str, dict[str, int]]:
 class _Recorder:
     """Fans the loop's results out to the run folder, MLflow and the progress bar."""
 
-    def __init__(self, folder: RunFolder, tracker: MlflowRun | None, reporter: TrialReporter | None = None) -> None:
+    def __init__(self, folder: RunFolder, tracker: MlflowRun | None, reporter: TrialReporter | None = None,
+                 board: TensorBoardLog | None = None) -> None:
         self.folder = folder
         self.tracker = tracker
         self.reporter = reporter
+        self.board = board
         self.progress_bar: TrainProgress | None = None
+        self.snapshot_saver: Callable[[int, int, dict[str, Any], Plan], None] | None = None
+
+    def snapshot(self, epoch: int, step: int, tensors: dict[str, Any], plan: Plan) -> None:
+        if self.snapshot_saver is not None:
+            self.snapshot_saver(epoch, step, tensors, plan)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         self.folder.log_metrics(step, values)
         if self.tracker is not None:
             self.tracker.log_metrics(step, values)
             self.tracker.flush()
+        if self.board is not None:
+            self.board.log_metrics(step, values)
         if "val_loss" in values:
             log.info("step %d: val_loss %.6f", step, values["val_loss"])
         if self.reporter is not None:

@@ -63,10 +63,6 @@ class TrainConfig:
             getattr(self, group).validate(group)
         for node in EXTRA_NODES:
             getattr(self, node).validate(node)
-        if not (self.network.train_unet or self.network.train_text_encoder):
-            raise UserError("network.train_unet / network.train_text_encoder",
-                            "both are false, so nothing would be trained.",
-                            "Set at least one of them to true (seed names: unet_only / text_only).")
         if self.precision.mixed == "fp16" and self.training.device == "cpu":
             raise UserError("precision.mixed", "fp16 autocast needs a CUDA device; training.device is cpu.",
                             "Use `precision.mixed=bf16` (works on CPU) or `precision.mixed=no`.")

@@ -31,10 +31,13 @@ class Sample:
 
 @torch.no_grad()
 def render_samples(cfg: SamplingConfig, *, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any,
-                   noise_scheduler: Any, resolution: int, clip_skip: int, device: torch.device) -> list[Sample]:
+                   noise_scheduler: Any, size: tuple[int, int], clip_skip: int,
+                   device: torch.device) -> list[Sample]:
     """Render with a DDIM sampler built from the training scheduler's config (deterministic, eta=0).
 
     The models are used as they are (LoRA active), in eval mode; their training mode is restored after.
+    ``size`` is (width, height). Prompts are encoded with the pipeline's 77 tokens whatever
+    ``model.max_token_length`` is: keep sample prompts short.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -50,8 +53,8 @@ def render_samples(cfg: SamplingConfig, *, unet: Any, vae: Any, text_encoder: An
         for p_idx, prompt in enumerate(cfg.prompts):
             for seed in cfg.seeds:
                 generator = torch.Generator(device=device).manual_seed(seed)
-                image = pipe(prompt, negative_prompt=cfg.negative_prompt or None, height=resolution,
-                             width=resolution, num_inference_steps=cfg.num_inference_steps,
+                image = pipe(prompt, negative_prompt=cfg.negative_prompt or None, height=size[1],
+                             width=size[0], num_inference_steps=cfg.num_inference_steps,
                              guidance_scale=cfg.guidance_scale, generator=generator,
                              clip_skip=(clip_skip - 1) or None, output_type="pil").images[0]
                 samples.append(Sample(p_idx, prompt, seed, image))

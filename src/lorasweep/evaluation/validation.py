@@ -1,7 +1,8 @@
 """The deterministic validation loss: the objective every run reports and every sweep optimises.
 
 Held-out images, fixed timesteps, fixed noise drawn from ``validation.seed`` on the CPU (so CPU and CUDA
-runs measure the same thing), eval mode, no grad. Nothing here depends on ``training.seed``.
+runs measure the same thing), eval mode, no grad. Nothing here depends on ``training.seed``. With aspect-ratio
+buckets the held-out latents differ in shape; they are evaluated shape by shape and averaged per sample.
 """
 
 from __future__ import annotations
@@ -11,55 +12,63 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from lorasweep.models.text import encode_tokens
+from lorasweep.training.objective import per_sample_mse, training_target
+
+Encode = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+"""(text encoder, token ids) → hidden states, with the run's clip_skip and token length."""
 
 
 class ValidationLoss:
     """Precomputes every (image, timestep, noise) triple once; each call is a pure function of the weights."""
 
-    def __init__(self, latents: torch.Tensor, input_ids: torch.Tensor, timesteps: list[int], repeats: int,
+    def __init__(self, latents: list[torch.Tensor], input_ids: torch.Tensor, timesteps: list[int], repeats: int,
                  seed: int, noise_scheduler: Any, batch_size: int) -> None:
         generator = torch.Generator().manual_seed(seed)
-        n = latents.shape[0]
-        image_idx, steps = [], []
-        for i in range(n):
-            for t in timesteps:
-                for _ in range(repeats):
-                    image_idx.append(i)
-                    steps.append(t)
-        self.image_idx = torch.tensor(image_idx)
-        self.timesteps = torch.tensor(steps, dtype=torch.long)
-        self.noise = torch.randn((len(image_idx), *latents.shape[1:]), generator=generator)
-        self.latents = latents
+        self.groups: list[dict[str, torch.Tensor]] = []
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, latent in enumerate(latents):
+            by_shape.setdefault(tuple(latent.shape), []).append(i)
+        for shape, members in by_shape.items():
+            image_idx = [i for i in members for _ in timesteps for _ in range(repeats)]
+            steps = [t for _ in members for t in timesteps for _ in range(repeats)]
+            self.groups.append({
+                "latents": torch.stack([latents[i] for i in members]),
+                "image_idx": torch.tensor([members.index(i) for i in image_idx]),
+                "ids_idx": torch.tensor(image_idx),
+                "timesteps": torch.tensor(steps, dtype=torch.long),
+                "noise": torch.randn((len(image_idx), *shape), generator=generator),
+            })
+        self.count = sum(len(g["timesteps"]) for g in self.groups)
         self.input_ids = input_ids
         self.noise_scheduler = noise_scheduler
         self.batch_size = batch_size
 
     def to(self, device: torch.device) -> ValidationLoss:
-        for name in ("image_idx", "timesteps", "noise", "latents", "input_ids"):
-            setattr(self, name, getattr(self, name).to(device))
+        self.groups = [{k: v.to(device) for k, v in group.items()} for group in self.groups]
+        self.input_ids = self.input_ids.to(device)
         return self
 
     @torch.no_grad()
-    def __call__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, clip_skip: int,
+    def __call__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, encode: Encode,
                  autocast: Callable[[], AbstractContextManager[None]]) -> float:
         was_training = (unet.training, text_encoder.training)
         unet.eval()
         text_encoder.eval()
         try:
             with autocast():
-                states = encode_tokens(text_encoder, self.input_ids, clip_skip)
-                total = torch.zeros((), dtype=torch.float64, device=self.noise.device)
-                for start in range(0, self.noise.shape[0], self.batch_size):
-                    sl = slice(start, start + self.batch_size)
-                    idx, t, noise = self.image_idx[sl], self.timesteps[sl], self.noise[sl]
-                    noisy = self.noise_scheduler.add_noise(self.latents[idx], noise, t)
-                    pred = unet(noisy, t, states[idx]).sample
-                    per_item = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-                    total += per_item.double().sum()
-            return float(total.item() / self.noise.shape[0])
+                states = encode(text_encoder, self.input_ids)
+                total = torch.zeros((), dtype=torch.float64, device=self.input_ids.device)
+                for group in self.groups:
+                    for start in range(0, group["noise"].shape[0], self.batch_size):
+                        sl = slice(start, start + self.batch_size)
+                        t, noise = group["timesteps"][sl], group["noise"][sl]
+                        latents = group["latents"][group["image_idx"][sl]]
+                        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+                        pred = unet(noisy, t, states[group["ids_idx"][sl]]).sample
+                        target = training_target(self.noise_scheduler, latents, noise, t)
+                        total += per_sample_mse(pred, target).double().sum()
+            return float(total.item() / self.count)
         finally:
             unet.train(was_training[0])
             text_encoder.train(was_training[1])

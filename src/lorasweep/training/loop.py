@@ -1,6 +1,11 @@
-"""The training loop: ε-prediction LoRA training of an SD-1.x UNet (+ text encoder), one readable loop in
-the style of diffusers' ``train_text_to_image_lora.py``, with accelerate for device, precision and
-gradient accumulation."""
+"""The training loop: LoRA training of an SD-1.x/2.x UNet (+ text encoder), one readable loop in the style of
+diffusers' ``train_text_to_image_lora.py``, with accelerate for device, precision and gradient accumulation.
+
+Data order, augmentation and caption randomness come from :class:`lorasweep.data.loader.TrainData` as pure
+functions of (seed, epoch, position); the loop's own randomness (noise, timesteps, LoRA dropout) comes from
+generators whose states are part of the saved training state. So a run resumed from a state continues the
+very trajectory it was on.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,20 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from lorasweep.config.train import TrainConfig
-from lorasweep.data.dataset import ImageItem, load_pixels
+from lorasweep.data.dataset import ImageItem
+from lorasweep.data.loader import TrainData
 from lorasweep.evaluation.samples import Sample, render_samples
 from lorasweep.evaluation.validation import ValidationLoss
 from lorasweep.models.loading import BaseModel
 from lorasweep.models.text import encode_tokens, tokenize
+from lorasweep.training.objective import training_target, weighted_loss
 from lorasweep.training.optim import build_lr_scheduler, build_optimizer, warmup_steps
+from lorasweep.training.state import Position, SavedState, save_state, set_rng_states
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +45,30 @@ class Recorder(Protocol):
 
     def progress(self, step: int, total: int, loss: float | None) -> None: ...
 
+    def snapshot(self, epoch: int, step: int, tensors: dict[str, torch.Tensor], plan: Plan) -> None: ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run's length as the loop computed it (kohya's metadata records these)."""
+
+    total_steps: int
+    epochs: int
+    batches_per_epoch: int
+    warmup_steps: int
+    num_reg_images: int
+    bucket_info: dict[str, Any] | None
+
 
 @dataclass
 class TrainResult:
     steps: int
     val_loss_start: float
     val_loss: float
+    plan: Plan
     val_history: list[tuple[int, float]] = field(default_factory=list)
     lora_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    num_batches_per_epoch: int = 0
-    epochs: int = 0
-    warmup_steps: int = 0
+    states: list[Path] = field(default_factory=list)
 
 
 def pick_device(name: str) -> torch.device:
@@ -57,24 +77,29 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, device: torch.device, batch: int,
+def _encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, device: torch.device,
                    generator: torch.Generator | None) -> torch.Tensor:
     """VAE latents × scaling factor; a sample of the posterior with ``generator``, its mean without."""
-    out = []
     with torch.no_grad():
-        for start in range(0, pixels.shape[0], batch):
-            dist = vae.encode(pixels[start:start + batch].to(device)).latent_dist
-            z = dist.mean if generator is None else dist.sample(generator=generator)
-            out.append(z * vae.config.scaling_factor)
-    return torch.cat(out)
+        dist = vae.encode(pixels.to(device)).latent_dist
+        z = dist.mean if generator is None else dist.sample(generator=generator)
+    return z * vae.config.scaling_factor
 
 
-def epoch_batches(items: list[ImageItem], batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    """One epoch: every image ``repeats`` times, shuffled, cut into batches (the last may be short)."""
-    order = [i for i, item in enumerate(items) for _ in range(item.repeats)]
-    perm = torch.randperm(len(order), generator=generator).tolist()
-    shuffled = [order[p] for p in perm]
-    return [shuffled[s:s + batch_size] for s in range(0, len(shuffled), batch_size)]
+def _encode_groups(vae: torch.nn.Module, pixels: list[torch.Tensor], device: torch.device, batch: int,
+                   generator: torch.Generator | None) -> list[torch.Tensor]:
+    """Encode images of possibly different bucket shapes, batching those of one shape, in input order."""
+    out: list[torch.Tensor | None] = [None] * len(pixels)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, px in enumerate(pixels):
+        by_shape.setdefault(tuple(px.shape), []).append(i)
+    for members in by_shape.values():
+        for start in range(0, len(members), batch):
+            chunk = members[start:start + batch]
+            z = _encode_pixels(vae, torch.stack([pixels[i] for i in chunk]), device, generator)
+            for i, latent in zip(chunk, z, strict=True):
+                out[i] = latent
+    return [z for z in out if z is not None]
 
 
 def total_optimizer_steps(cfg: TrainConfig, n_micro_batches_per_epoch: int) -> tuple[int, int]:
@@ -85,12 +110,25 @@ def total_optimizer_steps(cfg: TrainConfig, n_micro_batches_per_epoch: int) -> t
     return per_epoch * cfg.training.epochs, cfg.training.epochs
 
 
+def _set_attention(unet: Any, backend: str) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if backend == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        unet.set_attn_processor(AttnProcessor2_0() if backend == "sdpa" else AttnProcessor())
+
+
 def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_items: list[ImageItem],
-          recorder: Recorder) -> TrainResult:
-    """Train a LoRA on ``base`` and return its kohya tensors and the validation-loss history."""
+          recorder: Recorder, *, reg_items: list[ImageItem] | None = None, resume: SavedState | None = None,
+          state_root: Path | None = None) -> TrainResult:
+    """Train a LoRA on ``base`` and return its kohya tensors and the validation-loss history.
+
+    ``state_root``: where training states go when ``output.save_state`` is on (``<run>/state``).
+    ``resume``: a loaded state to continue from (LoRA, optimizer, scheduler, scaler, RNGs, data position).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     from lorasweep.network.kohya import to_kohya_state_dict
     from lorasweep.network.lora import inject_lora
@@ -103,8 +141,14 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
     device = accelerator.device
 
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
-    unet.set_attn_processor(AttnProcessor2_0() if tc.attention == "sdpa" else AttnProcessor())
+    _set_attention(unet, tc.attention)
     network = inject_lora(unet, text_encoder, cfg.network)
+    if resume is not None:
+        network.load_kohya_state_dict(resume.lora, source=str(resume.folder))
+    elif cfg.network.init_weights:
+        from lorasweep.network.lora import init_from_file
+
+        init_from_file(network, Path(cfg.network.init_weights).expanduser())
     unet_params, te_params = network.unet_params(), network.text_encoder_params()
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -113,29 +157,35 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         module.to(device)
     vae.eval()
 
-    # Data: pixels once, latents once (the VAE is frozen), token ids once.
-    data_gen = torch.Generator().manual_seed(tc.seed)
+    max_tokens = cfg.model.max_token_length
+
+    def encode(te: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return encode_tokens(te, ids, cfg.model.clip_skip, max_token_length=max_tokens)
+
+    def token_ids(captions: list[str]) -> torch.Tensor:
+        return tokenize(base.tokenizer, captions, max_token_length=max_tokens).to(device)
+
+    # Data: latents once when cached (the VAE is frozen), validation latents (posterior mean) always.
+    data = TrainData(train_items, reg_items or [], cfg.data, seed=tc.seed, batch_size=tc.batch_size,
+                     prior_loss_weight=tc.prior_loss_weight)
     noise_gen = torch.Generator(device=device).manual_seed(tc.seed)
-    res = cfg.data.resolution
-    train_pixels = torch.stack([load_pixels(it.path, res) for it in train_items])
-    val_pixels = torch.stack([load_pixels(it.path, res) for it in val_items])
     latent_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
-    train_latents = (_encode_pixels(vae, train_pixels, device, 16, latent_gen)
-                     if cfg.data.cache_latents else None)
-    val_latents = _encode_pixels(vae, val_pixels, device, 16, None)
-    train_ids = tokenize(base.tokenizer, [it.caption for it in train_items]).to(device)
-    val_ids = tokenize(base.tokenizer, [it.caption for it in val_items]).to(device)
-    frozen_states = None
-    if not te_params:
-        with torch.no_grad():
-            frozen_states = encode_tokens(text_encoder, train_ids, cfg.model.clip_skip)
+    generators = {"noise": noise_gen, "latent": latent_gen}
+    cached: dict[str, torch.Tensor] = {}
+    if cfg.data.cache_latents:
+        entries = data.cache_entries()
+        latents = _encode_groups(vae, [data.load_entry_pixels(e) for e in entries], device, 16, latent_gen)
+        cached = {e.key: z for e, z in zip(entries, latents, strict=True)}
+    val_latents = _encode_groups(vae, [px for _, px in data.val_pixels(val_items)], device, 16, None)
+    validation = ValidationLoss(val_latents, tokenize(base.tokenizer, [it.caption for it in val_items],
+                                                      max_token_length=max_tokens),
+                                list(cfg.validation.timesteps), cfg.validation.repeats, cfg.validation.seed,
+                                base.noise_scheduler, cfg.validation.batch_size).to(device)
 
-    validation = ValidationLoss(val_latents, val_ids, list(cfg.validation.timesteps), cfg.validation.repeats,
-                                cfg.validation.seed, base.noise_scheduler, cfg.validation.batch_size)
-    validation.to(device)
-
-    first_epoch = epoch_batches(train_items, tc.batch_size, data_gen)
-    total_steps, n_epochs = total_optimizer_steps(cfg, len(first_epoch))
+    batches_per_epoch = data.num_batches
+    total_steps, n_epochs = total_optimizer_steps(cfg, batches_per_epoch)
+    plan = Plan(total_steps, n_epochs, batches_per_epoch, warmup_steps(cfg.scheduler, total_steps),
+                data.num_reg_images, data.bucket_info() if cfg.data.buckets.enabled else None)
     optimizer = build_optimizer(cfg.optimizer, unet_params, te_params)
     lr_scheduler = build_lr_scheduler(cfg.scheduler, optimizer, total_steps)
     trained = [m for m, p in ((unet, unet_params), (text_encoder, te_params)) if p]
@@ -147,51 +197,82 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
     for module in trained:
         module.train()
 
+    position = Position(step=0, epoch=1, batch=0)
+    if resume is not None:
+        optimizer.load_state_dict(resume.training["optimizer"])
+        lr_scheduler.load_state_dict(resume.training["scheduler"])
+        if resume.training["scaler"] is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(resume.training["scaler"])
+        set_rng_states(resume.training["rng"], generators)
+        position = resume.position
+
     def evaluate() -> float:
-        return validation(unet_fwd, te_fwd, cfg.model.clip_skip, accelerator.autocast)
+        return validation(unet_fwd, te_fwd, encode, accelerator.autocast)
 
     def sample(step: int) -> None:
         if cfg.sampling.enabled:
             recorder.samples(step, render_samples(
                 cfg.sampling, unet=accelerator.unwrap_model(unet_fwd), vae=vae,
                 text_encoder=accelerator.unwrap_model(te_fwd), tokenizer=base.tokenizer,
-                noise_scheduler=base.noise_scheduler, resolution=res, clip_skip=cfg.model.clip_skip,
+                noise_scheduler=base.noise_scheduler, size=cfg.data.size, clip_skip=cfg.model.clip_skip,
                 device=device))
 
     def lr_values() -> dict[str, float]:
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
         return {f"lr/{name}": float(v) for name, v in lrs.items()}
 
-    val_start = evaluate()
-    history = [(0, val_start)]
-    recorder.metrics(0, {"val_loss": val_start, **lr_values()})
-    sample(0)
+    def lora_tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return to_kohya_state_dict(accelerator.unwrap_model(unet_fwd) if unet_params else None,
+                                   accelerator.unwrap_model(te_fwd) if te_params else None,
+                                   alpha=cfg.network.effective_alpha, dtype=dtype)
+
+    saved_states: list[Path] = []
+
+    def checkpoint(at: Position) -> None:
+        if cfg.output.save_state and state_root is not None:
+            saved_states.append(save_state(
+                state_root / f"step-{at.step:06d}", cfg=cfg, position=at, lora=lora_tensors(torch.float32),
+                optimizer=optimizer, scheduler=lr_scheduler, scaler=accelerator.scaler, generators=generators,
+                extra={"val_history": history}))
+
+    step = position.step
+    if step == 0:
+        val = evaluate()
+        history = [(0, val)]
+        recorder.metrics(0, {"val_loss": val, **lr_values()})
+        sample(0)
+    else:
+        history = [(int(s), float(v)) for s, v in resume.extra.get("val_history", [])] if resume else []
+    val_start = history[0][1] if history else float("nan")
 
     num_t = base.noise_scheduler.config.num_train_timesteps
-    step = 0
-    epoch = 0
-    batches = first_epoch
+    save_dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision.save]
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     interval_start = time.perf_counter()
     interval_images = 0
     interval_steps = 0
-    recorder.progress(0, total_steps, None)
+    recorder.progress(step, total_steps, None)
+    epoch, start_batch = position.epoch, position.batch
     while step < total_steps:
-        for batch in batches:
-            idx = torch.tensor(batch, device=device)
+        for batch_index, batch in enumerate(data.loader(epoch, start_batch=start_batch), start=start_batch):
             with accelerator.accumulate(*trained):
-                if train_latents is not None:
-                    latents = train_latents[idx]
+                if batch["cache_keys"] is not None:
+                    latents = torch.stack([cached[k] for k in batch["cache_keys"]])
                 else:
-                    latents = _encode_pixels(vae, train_pixels[batch], device, len(batch), latent_gen)
+                    latents = _encode_pixels(vae, batch["pixels"], device, latent_gen)
                 noise = torch.randn(latents.shape, generator=noise_gen, device=device)
                 timesteps = torch.randint(0, num_t, (latents.shape[0],), generator=noise_gen, device=device)
                 noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-                states = (frozen_states[idx] if frozen_states is not None
-                          else encode_tokens(te_fwd, train_ids[idx], cfg.model.clip_skip))
+                ids = token_ids(batch["captions"])
+                if te_params:
+                    states = encode(te_fwd, ids)
+                else:
+                    with torch.no_grad():
+                        states = encode(te_fwd, ids)
                 pred = unet_fwd(noisy, timesteps, states).sample
-                loss = F.mse_loss(pred.float(), noise.float())
+                target = training_target(base.noise_scheduler, latents, noise, timesteps)
+                loss = weighted_loss(pred, target, batch["loss_weight"])
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, tc.max_grad_norm)
@@ -200,7 +281,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             loss_count += 1
-            interval_images += len(batch)
+            interval_images += latents.shape[0]
             if not accelerator.sync_gradients:
                 continue
             step += 1
@@ -228,18 +309,19 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
             if (cfg.sampling.every_n_steps and step % cfg.sampling.every_n_steps == 0) or last:
                 sample(step)
             if last:
+                checkpoint(Position(step, epoch, batch_index + 1))
                 break
+        else:  # the epoch ran to its end
+            every = cfg.output.save_every_n_epochs
+            if every and epoch % every == 0 and step < total_steps:
+                recorder.snapshot(epoch, step, lora_tensors(save_dtype), plan)
+                checkpoint(Position(step, epoch + 1, 0))
         epoch += 1
-        batches = epoch_batches(train_items, tc.batch_size, data_gen)
+        start_batch = 0
 
-    dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision.save]
-    tensors = to_kohya_state_dict(accelerator.unwrap_model(unet_fwd) if unet_params else None,
-                                  accelerator.unwrap_model(te_fwd) if te_params else None,
-                                  alpha=cfg.network.effective_alpha, dtype=dtype)
-    return TrainResult(steps=step, val_loss_start=val_start, val_loss=history[-1][1], val_history=history,
-                       lora_tensors=tensors, num_batches_per_epoch=len(first_epoch), epochs=n_epochs,
-                       warmup_steps=warmup_steps(cfg.scheduler, total_steps))
+    return TrainResult(steps=step, val_loss_start=val_start, val_loss=history[-1][1] if history else float("nan"),
+                       plan=plan, val_history=history, lora_tensors=lora_tensors(save_dtype), states=saved_states)
 
 
-def lora_file_path(run_dir: Path, name: str) -> Path:
-    return run_dir / "lora" / f"{name}.safetensors"
+def lora_file_path(run_dir: Path, name: str, extension: str = "safetensors") -> Path:
+    return run_dir / "lora" / f"{name}.{extension}"

@@ -1,0 +1,155 @@
+"""Training options end to end through the CLI: snapshots, export, file formats, TensorBoard, regularisation
+images, a user's kohya folder with mixed images, training states and an exact resume, v-prediction, and the
+tiny model loaded as a diffusers folder and as a single-file checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+
+SHORT = ["sampling.enabled=false", "validation.every_n_steps=null", "tracking.enabled=false"]
+
+
+def _only_run(work: Path) -> Path:
+    runs = sorted((work / "outputs" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def _train(work: Path, *overrides: str) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    proc = run_cli(["train", *SHORT, *overrides], cwd=work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return _only_run(work)
+
+
+@pytest.fixture(scope="module")
+def user_data(cache_dir: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's kohya folder: two concepts with their own repeats, `.caption` files, images of several
+    sizes, aspect ratios and modes (RGB, RGBA, L, CMYK, P)."""
+    source = sorted((cache_dir / "data" / "synthetic-zorb" / "4_zorb").glob("*.png"))
+    root = tmp_path_factory.mktemp("userdata")
+    modes = ["RGB", "RGBA", "L", "CMYK", "P"]
+    sizes = [(64, 64), (96, 64), (64, 96), (80, 48), (128, 128), (48, 80)]
+    for concept, repeats, images in (("zorb", 3, source[:12]), ("blob", 1, source[12:18])):
+        folder = root / f"{repeats}_{concept}"
+        folder.mkdir()
+        for i, path in enumerate(images):
+            image = Image.open(path).convert("RGB").resize(sizes[i % len(sizes)])
+            mode = modes[i % len(modes)]
+            image = image.convert(mode)
+            suffix = ".jpg" if mode == "CMYK" else ".png"
+            image.save(folder / f"{i:03d}{suffix}")
+            caption = path.with_suffix(".txt").read_text().replace("zorb", concept)
+            (folder / f"{i:03d}.caption").write_text(caption)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reg_data(cache_dir: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = sorted((cache_dir / "data" / "synthetic-zorb" / "4_zorb").glob("*.png"))[20:26]
+    root = tmp_path_factory.mktemp("regdata")
+    folder = root / "1_shape"
+    folder.mkdir()
+    for i, path in enumerate(source):
+        shutil.copy(path, folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text("a shape")
+    return root
+
+
+def test_epochs_snapshots_export_tensorboard_and_reg_images(tmp_path: Path, user_data: Path,
+                                                            reg_data: Path) -> None:
+    export = tmp_path / "export"
+    board = tmp_path / "tb"
+    run = _train(tmp_path / "w", f"data.train_dir={user_data}", "data.caption_extension=.caption",
+                 f"data.reg_dir={reg_data}", "training.prior_loss_weight=0.5", "training.max_steps=null",
+                 "training.epochs=3", "training.batch_size=4", "output.save_every_n_epochs=1",
+                 f"output.export_dir={export}", f"tracking.tensorboard_dir={board}", "output.name=mine",
+                 "data.flip_aug=true", "data.shuffle_caption=true", "data.keep_tokens=1",
+                 "output.comment=hello")
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "FINISHED"
+    assert record["n_reg_images"] == 6
+    names = sorted(p.name for p in (run / "lora").iterdir())
+    assert names == ["mine-000001.safetensors", "mine-000002.safetensors", "mine.safetensors"]
+    assert sorted(p.name for p in export.iterdir()) == names
+    for name in names:
+        assert (export / name).read_bytes() == (run / "lora" / name).read_bytes()
+    with safe_open(str(run / "lora" / "mine-000001.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_epoch"] == "1"
+    assert meta["ss_training_comment"] == "hello"
+    assert meta["ss_num_reg_images"] == "6"
+    dirs = json.loads(meta["ss_dataset_dirs"])
+    assert {k: v["n_repeats"] for k, v in dirs.items()} == {"3_zorb": 3, "1_blob": 1}
+    assert sum(v["img_count"] for v in dirs.values()) == record["n_train_images"]
+    # The three files differ: training went on between the snapshots.
+    tensors = [load_file(run / "lora" / n) for n in names]
+    key = next(k for k in tensors[0] if k.endswith("lora_up.weight"))
+    assert not torch.equal(tensors[0][key], tensors[1][key])
+    # TensorBoard event files with the loss curve.
+    events = list((board / run.name).glob("events.out.tfevents.*"))
+    assert events, list(board.rglob("*"))
+    tags = _event_tags(events[0])
+    assert {"loss", "val_loss"} <= tags
+
+
+def _event_tags(path: Path) -> set[str]:
+    """Scalar tags in a TensorBoard event file (TFRecord framing: length, crc, payload, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data = path.read_bytes()
+    tags: set[str] = set()
+    offset = 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        payload = data[offset + 12:offset + 12 + length]
+        offset += 12 + length + 4
+        event = Event.FromString(payload)
+        tags.update(value.tag for value in event.summary.value)
+    return tags
+
+
+def test_state_resume_continues_bitwise(tmp_path: Path, tiny_model: Path) -> None:
+    common = ["training.max_steps=null", "training.epochs=4", "output.save_every_n_epochs=2",
+              "output.save_state=true", "precision.save=float", "network.dropout=0.1"]
+    first = _train(tmp_path / "a", *common)
+    states = sorted(p.name for p in (first / "state").iterdir())
+    assert len(states) == 2, states  # after epoch 2 and at the end
+    middle = first / "state" / states[0]
+    meta = json.loads((middle / "state.json").read_text())
+    assert meta["epoch"] == 3 and meta["batch"] == 0
+    resumed = _train(tmp_path / "b", *common, f"resume.state_dir={middle}")
+    a = load_file(first / "lora" / "lora.safetensors")
+    b = load_file(resumed / "lora" / "lora.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run left the uninterrupted trajectory"
+    rec_a = json.loads((first / "run.json").read_text())
+    rec_b = json.loads((resumed / "run.json").read_text())
+    assert rec_b["steps"] == rec_a["steps"]
+    assert rec_b["val_history"] == rec_a["val_history"]
+    assert rec_b["resumed_from"] == str(middle)
+    # The resumed run only wrote what came after the state: no epoch-2 snapshot again.
+    assert sorted(p.name for p in (resumed / "lora").iterdir()) == ["lora.safetensors"]
+
+
+def test_resume_into_a_changed_config_is_refused(tmp_path: Path, tiny_model: Path) -> None:
+    first = _train(tmp_path / "a", "training.max_steps=8", "output.save_state=true")
+    state = next((first / "state").iterdir())
+    proc = run_cli(["train", *SHORT, "training.max_steps=8", "output.save_state=true", "training.batch_size=2",
+                    f"resume.state_dir={state}"], cwd=tmp_path / "a")
+    assert proc.returncode == 2
+    assert "resume.state_dir" in proc.stderr and "training.batch_size" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(list((tmp_path / "a" / "outputs" / "runs").iterdir())) == 1
