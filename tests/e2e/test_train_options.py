@@ -153,3 +153,34 @@ def test_resume_into_a_changed_config_is_refused(tmp_path: Path, tiny_model: Pat
     assert "resume.state_dir" in proc.stderr and "training.batch_size" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(list((tmp_path / "a" / "outputs" / "runs").iterdir())) == 1
+
+
+def test_train_from_a_single_file_checkpoint_with_model_options(tmp_path: Path, tiny_model: Path) -> None:
+    """The tiny model saved as one original-layout .safetensors trains like the folder does, here with the
+    SD-2-style knobs a user turns: v-prediction, penultimate CLIP layer, 150-token captions, bf16 autocast."""
+    from lorasweep.models.single_file import save_single_file
+
+    checkpoint = tmp_path / "tiny-sd1.safetensors"
+    save_single_file(tiny_model, checkpoint)
+    run = _train(tmp_path / "w", f"model.base={checkpoint}", f"model.tokenizer={tiny_model / 'tokenizer'}",
+                 "model.v_parameterization=true", "model.clip_skip=2", "model.max_token_length=150",
+                 "precision=bf16", "training.max_steps=6", "training.device=cpu")
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "FINISHED" and record["steps"] == 6
+    with safe_open(str(run / "lora" / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_sd_model_hash"] and len(meta["ss_new_sd_model_hash"]) == 64
+    assert meta["ss_base_model_version"] == "sd_v1_v"
+    assert (meta["ss_clip_skip"], meta["ss_max_token_length"], meta["ss_mixed_precision"]) == ("2", "150", "bf16")
+
+
+def test_init_weights_starts_from_a_saved_lora(tmp_path: Path, tiny_model: Path) -> None:
+    """network.init_weights: a run started from another run's float LoRA begins at that run's final
+    validation loss (same weights, same deterministic measurement), here loaded from the diffusers folder."""
+    first = _train(tmp_path / "a", "training.max_steps=10", "precision.save=float")
+    second = _train(tmp_path / "b", f"model.base={tiny_model}", "training.max_steps=1",
+                    f"network.init_weights={first / 'lora' / 'lora.safetensors'}")
+    a = json.loads((first / "run.json").read_text())
+    b = json.loads((second / "run.json").read_text())
+    assert b["val_history"][0][1] == pytest.approx(a["val_loss"], rel=1e-6)
+    assert b["val_history"][0][1] < a["val_history"][0][1]  # not the fresh (zero) LoRA's start

@@ -31,15 +31,18 @@ class Sample:
 
 @torch.no_grad()
 def render_samples(cfg: SamplingConfig, *, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any,
-                   noise_scheduler: Any, size: tuple[int, int], clip_skip: int,
+                   noise_scheduler: Any, size: tuple[int, int], clip_skip: int, max_token_length: int,
                    device: torch.device) -> list[Sample]:
     """Render with a DDIM sampler built from the training scheduler's config (deterministic, eta=0).
 
     The models are used as they are (LoRA active), in eval mode; their training mode is restored after.
-    ``size`` is (width, height). Prompts are encoded with the pipeline's 77 tokens whatever
-    ``model.max_token_length`` is: keep sample prompts short.
+    ``size`` is (width, height). Prompts are encoded exactly as training encodes captions (``clip_skip``,
+    ``max_token_length`` chunks) and handed to the pipeline as embeddings, so a 150-token prompt is not cut
+    to 77 tokens.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from lorasweep.models.text import encode_tokens, tokenize
 
     modes = [(m, m.training) for m in (unet, text_encoder, vae)]
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -50,13 +53,18 @@ def render_samples(cfg: SamplingConfig, *, unet: Any, vae: Any, text_encoder: An
     try:
         for module, _ in modes:
             module.eval()
+        def embed(text: str) -> torch.Tensor:
+            ids = tokenize(tokenizer, [text], max_token_length=max_token_length).to(device)
+            return encode_tokens(text_encoder, ids, clip_skip, max_token_length=max_token_length)
+
+        negative = embed(cfg.negative_prompt)
         for p_idx, prompt in enumerate(cfg.prompts):
+            positive = embed(prompt)
             for seed in cfg.seeds:
                 generator = torch.Generator(device=device).manual_seed(seed)
-                image = pipe(prompt, negative_prompt=cfg.negative_prompt or None, height=size[1],
+                image = pipe(prompt_embeds=positive, negative_prompt_embeds=negative, height=size[1],
                              width=size[0], num_inference_steps=cfg.num_inference_steps,
-                             guidance_scale=cfg.guidance_scale, generator=generator,
-                             clip_skip=(clip_skip - 1) or None, output_type="pil").images[0]
+                             guidance_scale=cfg.guidance_scale, generator=generator, output_type="pil").images[0]
                 samples.append(Sample(p_idx, prompt, seed, image))
     finally:
         for module, mode in modes:

@@ -215,7 +215,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                 cfg.sampling, unet=accelerator.unwrap_model(unet_fwd), vae=vae,
                 text_encoder=accelerator.unwrap_model(te_fwd), tokenizer=base.tokenizer,
                 noise_scheduler=base.noise_scheduler, size=cfg.data.size, clip_skip=cfg.model.clip_skip,
-                device=device))
+                max_token_length=max_tokens, device=device))
 
     def lr_values() -> dict[str, float]:
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
