@@ -1,18 +1,25 @@
 """``lorasweep train``: the Hydra application around ``job.run_job``.
 
 Single runs are composed and checked once *before* Hydra starts, so a bad key, value or path gives one
-paragraph and exit code 2 without leaving an empty run folder behind.
+paragraph and exit code 2 without leaving an empty run folder behind. ``legacy.load_json_path`` is applied
+here, at composition (see :func:`compose`), for single runs and for each job of a multirun.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from lorasweep.config.paths import conf_dir
 from lorasweep.errors import UserError
+
+if TYPE_CHECKING:
+    from lorasweep.config.train import TrainConfig
+    from lorasweep.legacy.convert import Conversion
 
 CONFIG_NAME = "train"
 VERSION_BASE = "1.3"
@@ -32,9 +39,50 @@ def register() -> None:
                                         use_cache=True)
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """Compose ``train.yaml`` with ``overrides`` (Hydra grammar), turning composition errors into UserErrors."""
+@dataclass(frozen=True)
+class Composed:
+    """A composed config and, when ``legacy.load_json_path`` was set, what that file contributed."""
+
+    cfg: DictConfig
+    legacy: Conversion | None = None
+    user_overrides: tuple[str, ...] = ()
+
+    def train_config(self) -> TrainConfig:
+        """The typed, validated config; an error caused by a legacy setting names that setting and file."""
+        from lorasweep.config.train import to_train_config
+
+        try:
+            return to_train_config(self.cfg)
+        except UserError as exc:
+            raise self.blame(exc) from None
+
+    def blame(self, exc: UserError) -> UserError:
+        """``exc`` with the legacy setting behind its key named, unless the user's own override set that key."""
+        return exc if self.legacy is None else self.legacy.blame(exc, self.user_overrides)
+
+
+def _with_search_path(overrides: list[str], folder: Path) -> list[str]:
+    """``overrides`` with ``folder`` added to ``hydra.searchpath`` (kept if the user gives one too)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lorasweep.legacy.convert import hydra_value
+
+    url = f"file://{folder}"
+    for i, text in enumerate(overrides):
+        if text.startswith("hydra.searchpath="):
+            paths = list(OverridesParser.create().parse_override(text).value())
+            return [*overrides[:i], f"hydra.searchpath={hydra_value([*paths, url])}", *overrides[i + 1:]]
+    return [*overrides, f"hydra.searchpath={hydra_value([url])}"]
+
+
+def _compose(overrides: list[str], config_name: str, config_dir: str | None) -> DictConfig:
+    """Compose with Hydra, turning composition errors into UserErrors.
+
+    Inside a running Hydra app (a multirun's job) the app's own search path is used; otherwise a
+    ``--config-dir`` is the primary folder with lorasweep's ``conf/`` on the search path (for ``train``).
+    """
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -42,9 +90,18 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
     register()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=VERSION_BASE, job_name="train"):
-            return compose(CONFIG_NAME, overrides=overrides)
+        if GlobalHydra.instance().is_initialized():
+            return compose(config_name, overrides=overrides)
+        if config_dir is None:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base=VERSION_BASE, job_name="train"):
+                return compose(config_name, overrides=overrides)
+        with initialize_config_dir(config_dir=config_dir, version_base=VERSION_BASE, job_name="train"):
+            return compose(config_name, overrides=_with_search_path(overrides, conf_dir()))
     except MissingConfigException as exc:
+        if exc.missing_cfg_file == config_name and config_name != CONFIG_NAME:
+            raise UserError("--config-name", f"there is no {config_name}.yaml in "
+                            f"{config_dir or conf_dir()}.", "Give --config-dir FOLDER and --config-name NAME "
+                            "of a YAML file in it (e.g. one written by `lorasweep import-legacy`).") from None
         group = (exc.missing_cfg_file or "").rsplit("/", 1)
         if len(group) == 2 and exc.options:
             raise UserError(group[0], f"there is no option {group[1]!r}.",
@@ -59,14 +116,65 @@ def compose_config(overrides: list[str]) -> DictConfig:
             from None
 
 
-def check_multirun(overrides: list[str]) -> None:
+def compose(overrides: list[str], *, config_name: str = CONFIG_NAME, config_dir: str | None = None) -> Composed:
+    """Compose ``config_name`` with ``overrides`` (Hydra grammar), then apply ``legacy.load_json_path``.
+
+    The legacy file (minus ``legacy.json_load_skip_list``) becomes overrides placed *before* the user's, and
+    the config is composed again: the file fills in settings, and every command-line override still wins.
+    """
+    from lorasweep.legacy.convert import convert_file
+    from lorasweep.legacy.schema import BadValue
+
+    cfg = _compose(overrides, config_name, config_dir)
+    path = OmegaConf.select(cfg, "legacy.load_json_path")
+    if not path:
+        return Composed(cfg, None, tuple(overrides))
+    skip = [str(s) for s in OmegaConf.select(cfg, "legacy.json_load_skip_list") or []]
+    conversion = convert_file(Path(str(path)).expanduser(), skip, where="legacy.load_json_path")
+    try:
+        legacy_overrides = conversion.overrides(overrides)
+    except BadValue as exc:
+        raise UserError(str(conversion.path), f"{exc}.", "") from None
+    composed = Composed(cfg, conversion, tuple(overrides))
+    try:
+        return Composed(_compose([*legacy_overrides, *overrides], config_name, config_dir), conversion,
+                        tuple(overrides))
+    except UserError as exc:
+        raise composed.blame(exc) from None
+
+
+def compose_config(overrides: list[str], *, config_name: str = CONFIG_NAME,
+                   config_dir: str | None = None) -> DictConfig:
+    """Compose ``train.yaml`` (or ``config_name``) with ``overrides`` and ``legacy.load_json_path`` applied."""
+    return compose(overrides, config_name=config_name, config_dir=config_dir).cfg
+
+
+def job_config(cfg: DictConfig) -> DictConfig:
+    """A multirun job's config with its ``legacy.load_json_path`` applied.
+
+    Hydra composes each job itself, so a job whose overrides set ``legacy.load_json_path`` (``lorasweep
+    queue``, or ``-m legacy.load_json_path=a.json,b.json``) composes its own overrides again through
+    :func:`compose`, in the running app's search path.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not OmegaConf.select(cfg, "legacy.load_json_path"):
+        return cfg
+    hydra_cfg = HydraConfig.get()
+    search = [o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.searchpath=")]
+    return compose([*search, *hydra_cfg.overrides.task], config_name=str(hydra_cfg.job.config_name)).cfg
+
+
+def check_multirun(overrides: list[str], *, config_name: str = CONFIG_NAME, config_dir: str | None = None) -> None:
     """Compose a multirun's config without its sweep overrides (``a=1,2``, ``b=choice(...)``), so grammar
     mistakes, unknown keys and values Hydra cannot merge are one paragraph before anything starts; each
-    sweep value is checked by the sweeper or by its job."""
+    sweep value is checked by the sweeper or by its job, except legacy files (``lorasweep queue``): each of
+    those is read and checked here, so a bad file stops the queue before anything trains."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import QuotedString
     from hydra.errors import OverrideParseException
 
-    from lorasweep.config.train import to_train_config
+    from lorasweep.legacy.convert import hydra_value
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -75,7 +183,7 @@ def check_multirun(overrides: list[str]) -> None:
                         "Quote sweep expressions for the shell, e.g. optimizer.lr='interval(1e-4, 1e-2)'.") from None
     fixed = [text for text, override in zip(overrides, parsed, strict=True) if not override.is_sweep_override()]
     try:
-        to_train_config(compose_config(fixed))
+        tc = compose(fixed, config_name=config_name, config_dir=config_dir).train_config()
     except UserError as exc:
         group, _, name = exc.where.rpartition(".")
         if exc.where.startswith("hydra.sweeper.params."):
@@ -86,11 +194,75 @@ def check_multirun(overrides: list[str]) -> None:
             raise UserError(exc.where, f"`{name}` is not set in the preset, so a plain override cannot change it.",
                             f"Add it with `++{group}.{name}=<value>`.") from None
         raise
+    if tc.legacy.save_json_only:
+        raise UserError("legacy.save_json_only", "writes the config files of one run and cannot be part of a "
+                        "multirun.", "Run it without -m (once per setting).")
+    for override in parsed:
+        if override.is_sweep_override() and override.key_or_group == "legacy.load_json_path" \
+                and override.is_discrete_sweep():
+            for item in override.sweep_iterator():
+                path = item.text if isinstance(item, QuotedString) else str(item)
+                compose([*fixed, f"legacy.load_json_path={hydra_value(path)}"], config_name=config_name,
+                        config_dir=config_dir).train_config()
 
 
 def report_user_error(exc: UserError) -> int:
     print(f"lorasweep: error: {exc.paragraph()}", file=sys.stderr)
     return 2
+
+
+_CONFIG_FLAGS = {"--config-name": "name", "-cn": "name", "--config-dir": "dir", "-cd": "dir",
+                 "--config-path": "path", "-cp": "path"}
+
+
+def split_hydra_args(args: list[str]) -> tuple[list[str], str, str | None]:
+    """(overrides, config name, config dir) of ``lorasweep train`` arguments; Hydra's own flags and the
+    values of ``--config-name``/``--config-dir`` are not overrides."""
+    overrides: list[str] = []
+    config_name, config_dir = CONFIG_NAME, None
+    i = 0
+    while i < len(args):
+        flag, eq, val = args[i].partition("=")
+        if flag in _CONFIG_FLAGS:
+            if not eq:
+                i += 1
+                val = args[i] if i < len(args) else ""
+            if not val:
+                raise UserError(flag, "needs a value.", f"Write `{flag} VALUE`.")
+            if _CONFIG_FLAGS[flag] == "path":
+                raise UserError(flag, "would replace lorasweep's own conf/ folder.",
+                                "Use --config-dir FOLDER --config-name NAME for your own YAML config.")
+            if _CONFIG_FLAGS[flag] == "name":
+                config_name = val.removesuffix(".yaml")
+            else:
+                config_dir = str(Path(val).expanduser().resolve())
+                if not Path(config_dir).is_dir():
+                    raise UserError(flag, f"{val} is not a folder.", "Give the folder that holds your YAML config.")
+        elif not args[i].startswith("-"):
+            overrides.append(args[i])
+        i += 1
+    return overrides, config_name, config_dir
+
+
+def _print_legacy_note(composed: Composed) -> None:
+    conversion = composed.legacy
+    if conversion is None:
+        return
+    line = f"Settings from {conversion.path} ({conversion.kind}): {len(conversion.mapped)} applied"
+    if conversion.not_applied:
+        line += (f", {len(conversion.not_applied)} not applied (`lorasweep import-legacy {conversion.path}` "
+                 "lists each with the reason)")
+    print(line + ".", flush=True)
+
+
+def _save_json_only(tc: TrainConfig) -> int:
+    from lorasweep.legacy.lets import save_config_files
+
+    json_path, yaml_path = save_config_files(tc)
+    print(f"LETS JSON: {json_path}\nYAML config: {yaml_path}\n"
+          f"Train with: lorasweep train --config-dir {yaml_path.parent} --config-name {yaml_path.stem}\n"
+          "Nothing was trained (legacy.save_json_only=true).")
+    return 0
 
 
 def train_main(args: list[str]) -> int:
@@ -103,14 +275,27 @@ def train_main(args: list[str]) -> int:
 
     register()
     checked: CheckedInputs | None = None
+    single_cfg: DictConfig | None = None
     multirun = any(a in ("-m", "--multirun") for a in args)
+    try:
+        overrides, config_name, config_dir = split_hydra_args(args)
+    except UserError as exc:
+        return report_user_error(exc)
     if not any(a.split("=")[0] in _HYDRA_FLAGS_WITHOUT_RUN for a in args):
-        overrides = [a for a in args if not a.startswith("-")]
         try:
             if multirun:
-                check_multirun(overrides)
+                check_multirun(overrides, config_name=config_name, config_dir=config_dir)
             else:
-                checked = preflight(compose_config(overrides))
+                composed = compose(overrides, config_name=config_name, config_dir=config_dir)
+                tc = composed.train_config()
+                if tc.legacy.save_json_only:
+                    return _save_json_only(tc)
+                try:
+                    checked = preflight(tc)
+                except UserError as exc:
+                    raise composed.blame(exc) from None
+                single_cfg = composed.cfg
+                _print_legacy_note(composed)
         except UserError as exc:
             return report_user_error(exc)
 
@@ -125,7 +310,9 @@ def train_main(args: list[str]) -> int:
         if multirun:
             tags.update(child_tags(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num))
         try:
-            result = run_job(cfg, run_dir, tags=tags, checked=checked, show_progress=not multirun)
+            # A single run uses the config checked above (legacy file applied); a job applies its own.
+            job_cfg = single_cfg if single_cfg is not None and not multirun else job_config(cfg)
+            result = run_job(job_cfg, run_dir, tags=tags, checked=checked, show_progress=not multirun)
         except UserError as exc:
             if multirun:
                 raise

@@ -18,6 +18,10 @@ commands:
                             to its MLflow parent run)
   ui                        open the MLflow UI on the default store, bound to 127.0.0.1
   reproduce RUN [--check]   re-run a run folder (or an MLflow run id) from its saved config
+  import-legacy FILE [-o OUT.yaml] [--skip a,b]
+                            convert a LETS JSON, kohya TOML or train_network.py argument file into a YAML config
+                            (or overrides), listing every setting it mapped and every one it could not, and why
+  queue DIR [overrides]     train every *.json in DIR (a LETS multi_run_folder) as one multirun
 """
 
 
@@ -82,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
             return _ui(rest)
         if command == "reproduce":
             return _reproduce(rest)
+        if command == "import-legacy":
+            from lorasweep.legacy.commands import import_legacy_main
+
+            return import_legacy_main(rest)
+        if command == "queue":
+            from lorasweep.legacy.commands import queue_main
+
+            return queue_main(rest)
     except UserError as exc:
         from lorasweep.app import report_user_error
 
