@@ -191,10 +191,12 @@ def render_yaml(values: dict[str, Any], header: Sequence[str]) -> str:
     return "".join(f"# {line}\n" if line else "#\n" for line in header) + text
 
 
-def _lookup(name: str, kind: str) -> LegacyKey | None:
-    if kind == LETS_JSON:
-        return BY_LETS.get(name) or BY_KOHYA.get(name)
-    return BY_KOHYA.get(name)
+def _lookup(name: str, kind: str) -> tuple[LegacyKey | None, str]:
+    """The row for ``name`` and whether it is read as a LETS key or a kohya argument (a JSON may hold kohya
+    names, as kohya_ss GUI files do; those keep kohya's meaning, e.g. max_train_epochs over max_train_steps)."""
+    if kind == LETS_JSON and name in BY_LETS:
+        return BY_LETS[name], "lets"
+    return BY_KOHYA.get(name), "kohya"
 
 
 def _skipped(name: str, row: LegacyKey | None, skip: set[str]) -> str | None:
@@ -215,12 +217,11 @@ def convert(legacy: LegacyFile, skip: Iterable[str] = ()) -> Conversion:
     mapped: list[Mapped] = []
     not_applied = [NotApplied(part, "launcher argument, not a train_network.py setting") for part in legacy.ignored
                    if legacy.kind == KOHYA_ARGS]
-    ctx = Context("lets" if legacy.kind == LETS_JSON else "kohya", legacy.values)
     owner: dict[str, Mapped] = {}
     for name, raw in legacy.values.items():
         if name == EXTRA_BLOCK and legacy.kind == LETS_JSON:
             continue
-        row = _lookup(name, legacy.kind)
+        row, reading = _lookup(name, legacy.kind)
         hit = _skipped(name, row, skip_set)
         if hit is not None:
             used.add(hit)
@@ -230,7 +231,7 @@ def convert(legacy: LegacyFile, skip: Iterable[str] = ()) -> Conversion:
             not_applied.append(NotApplied(name, "unknown setting: lorasweep has no equivalent"))
             continue
         try:
-            pairs = row.convert(raw, ctx) if row.convert else []
+            pairs = row.convert(raw, Context(reading, legacy.values)) if row.convert else []
         except Skip as why:
             not_applied.append(NotApplied(name, str(why)))
             continue
