@@ -155,6 +155,10 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
     frequency = tag_frequency(checked.train_items + checked.val_items)
     if tc.data.tag_frequency_file:
         atomic_write_text(run_dir / "tag_frequency.txt", format_tag_frequency(frequency, tc.data.tag_frequency_sort))
+    if tc.legacy.save_json_folder:
+        from lorasweep.legacy import write_lets_json
+
+        write_lets_json(tc, Path(tc.legacy.save_json_folder).expanduser(), run_dir.name)
     all_tags = {"lorasweep.run_dir": str(run_dir.resolve()), **(tags or {})}
     reporter = None
     if tc.trial.active:

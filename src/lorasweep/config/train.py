@@ -26,7 +26,6 @@ from lorasweep.config.tracking import TrackingConfig
 from lorasweep.config.training import TrainingConfig
 from lorasweep.config.trial import TrialConfig
 from lorasweep.config.validation import ValidationConfig
-from lorasweep.errors import UserError
 
 GROUPS = ("model", "data", "network", "optimizer", "scheduler", "training", "precision", "sampling",
           "validation", "output", "tracking")
@@ -63,9 +62,9 @@ class TrainConfig:
             getattr(self, group).validate(group)
         for node in EXTRA_NODES:
             getattr(self, node).validate(node)
-        if self.precision.mixed == "fp16" and self.training.device == "cpu":
-            raise UserError("precision.mixed", "fp16 autocast needs a CUDA device; training.device is cpu.",
-                            "Use `precision.mixed=bf16` (works on CPU) or `precision.mixed=no`.")
+        self.precision.check_device(self.training.device)
+        self.optimizer.check_with(device=self.training.device, train_unet=self.network.train_unet,
+                                  train_text_encoder=self.network.train_text_encoder)
 
 
 def register_configs() -> None:

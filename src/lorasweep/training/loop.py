@@ -26,7 +26,7 @@ from lorasweep.evaluation.validation import ValidationLoss
 from lorasweep.models.loading import BaseModel
 from lorasweep.models.text import encode_tokens, tokenize
 from lorasweep.training.objective import training_target, weighted_loss
-from lorasweep.training.optim import build_lr_scheduler, build_optimizer, warmup_steps
+from lorasweep.training.optim import build_lr_scheduler, build_optimizer, effective_learning_rates, warmup_steps
 from lorasweep.training.state import Position, SavedState, save_state, set_rng_states
 
 log = logging.getLogger(__name__)
@@ -218,8 +218,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                 max_token_length=max_tokens, device=device))
 
     def lr_values() -> dict[str, float]:
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-        return {f"lr/{name}": float(v) for name, v in lrs.items()}
+        return {f"lr/{name}": value for name, value in effective_learning_rates(optimizer).items()}
 
     def lora_tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return to_kohya_state_dict(accelerator.unwrap_model(unet_fwd) if unet_params else None,
