@@ -18,6 +18,7 @@ commands:
                             to its MLflow parent run)
   ui                        open the MLflow UI on the default store, bound to 127.0.0.1
   reproduce RUN [--check]   re-run a run folder (or an MLflow run id) from its saved config
+  resume RUN [--state DIR]  continue a run (saved with output.save_state=true) from its latest training state
   import-legacy FILE [-o OUT.yaml] [--skip a,b]
                             convert a LETS JSON, kohya TOML or train_network.py argument file into a YAML config
                             (or overrides), listing every setting it mapped and every one it could not, and why
@@ -35,6 +36,17 @@ def _ui(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)
     return run_ui(args.output_root, args.uri, args.host, args.port)
+
+
+def _resume(argv: list[str]) -> int:
+    from lorasweep.reproduce import resume
+
+    parser = argparse.ArgumentParser(prog="lorasweep resume",
+                                     description="Continue a run from its saved training state in a new run folder.")
+    parser.add_argument("run", help="the run folder (trained with output.save_state=true)")
+    parser.add_argument("--state", default=None, help="a state/step-NNNNNN folder (default: the latest)")
+    args = parser.parse_args(argv)
+    return resume(args.run, state=args.state)
 
 
 def _reproduce(argv: list[str]) -> int:
@@ -86,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             return _ui(rest)
         if command == "reproduce":
             return _reproduce(rest)
+        if command == "resume":
+            return _resume(rest)
         if command == "import-legacy":
             from lorasweep.legacy.commands import import_legacy_main
 

@@ -1,7 +1,8 @@
-"""``lorasweep reproduce``: re-run a run from its own saved config, and optionally prove it matches.
+"""``lorasweep reproduce`` and ``lorasweep resume``: run again from a run folder's own saved config.
 
-The source is a run folder (``config.yaml`` + ``run.json`` + the LoRA) or an MLflow run id (the same three
-come from its artifacts and metrics), so a run can be reproduced from the tracking server alone.
+``reproduce``: the source is a run folder (``config.yaml`` + ``run.json`` + the LoRA) or an MLflow run id (the
+same three come from its artifacts and metrics), so a run can be reproduced from the tracking server alone;
+``--check`` proves the result matches. ``resume``: continue a run from its latest saved training state.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorasweep.errors import UserError
+
+if TYPE_CHECKING:
+    from lorasweep.job import JobResult
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -84,7 +89,8 @@ def reproduce(source: str, *, check: bool, tracking_uri: str | None = None) -> i
         return _rerun(src, check=check)
 
 
-def _rerun(src: Source, *, check: bool) -> int:
+def _run_saved_config(src: Source, suffix: str, tags: dict[str, str], overrides: dict[str, object]) -> JobResult:
+    """Run ``src``'s config (plus ``overrides``) into a new ``<run_name>-<suffix>`` run folder."""
     from omegaconf import OmegaConf
 
     from lorasweep.app import register
@@ -95,22 +101,54 @@ def _rerun(src: Source, *, check: bool) -> int:
 
     register()
     cfg = OmegaConf.load(src.config_path)
-    if "trial" in cfg:  # a sweep trial reproduces as a plain run (same threads: they change float sums)
+    if "trial" in cfg:  # a sweep trial reruns as a plain run (same threads: they change float sums)
         for key in ("study_name", "storage", "number"):
             cfg.trial[key] = None
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
     checked = preflight(to_train_config(cfg))
     root = Path(checked.config.output.root)
     run_dir = create_unique_dir(root / "runs" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_"
-                                f"{checked.config.output.run_name}-repro")
+                                f"{checked.config.output.run_name}-{suffix}")
     if src.run_dir is not None and (src.run_dir / ".hydra").is_dir():
         shutil.copytree(src.run_dir / ".hydra", run_dir / ".hydra")
+    result = run_job(cfg, run_dir, tags=tags, checked=checked)
+    print_summary(result.run_dir, result.val_loss_start, result.val_loss, result.lora_path, result.tracking_uri)
+    return result
+
+
+def _rerun(src: Source, *, check: bool) -> int:
     tags = {"lorasweep.reproduction_of": src.mlflow_run_id or src.label}
     if src.run_dir is not None:
         tags["lorasweep.reproduction_of_dir"] = str(src.run_dir.resolve())
-    result = run_job(cfg, run_dir, tags=tags, checked=checked)
-    print_summary(result.run_dir, result.val_loss_start, result.val_loss, result.lora_path, result.tracking_uri)
+    result = _run_saved_config(src, "repro", tags, {})
     if check:
         return print_check(src, result.lora_path, result.val_loss)
+    return 0
+
+
+def latest_state(run_dir: Path) -> Path:
+    """The run's newest complete training state (``state/step-NNNNNN``, highest step)."""
+    states = sorted(p for p in (run_dir / "state").glob("step-*") if p.is_dir() and (p / "state.json").is_file())
+    if not states:
+        raise UserError(str(run_dir), "has no saved training state (state/step-*/).",
+                        "Only runs trained with output.save_state=true can be resumed; start a new run with "
+                        "network.init_weights=<its LoRA> to continue from its weights instead.")
+    return states[-1]
+
+
+def resume(run: str, *, state: str | None = None) -> int:
+    """``lorasweep resume RUN``: continue ``RUN`` from its latest state (or ``state``) in a new run folder,
+    with the run's own config, so the continuation is exactly the uninterrupted run's trajectory."""
+    path = Path(run)
+    if not path.is_dir():
+        raise UserError(run, "is not a run folder.", "Give the folder printed as 'Run folder:' by `lorasweep train`.")
+    src = _from_folder(path)
+    state_dir = Path(state) if state else latest_state(path)
+    tags = {"lorasweep.resumed_from": str(state_dir.resolve())}
+    if src.mlflow_run_id:
+        tags["lorasweep.resumed_from_run"] = src.mlflow_run_id
+    _run_saved_config(src, "resume", tags, {"resume.state_dir": str(state_dir.resolve())})
     return 0
 
 

@@ -122,6 +122,8 @@ def _event_tags(path: Path) -> set[str]:
 
 
 def test_state_resume_continues_bitwise(tmp_path: Path, tiny_model: Path) -> None:
+    """`lorasweep resume RUN --state <after epoch 2>` ends with the uninterrupted run's LoRA, bit for bit
+    (optimizer, scheduler, RNGs incl. LoRA dropout, data order restored), and its validation history."""
     common = ["training.max_steps=null", "training.epochs=4", "output.save_every_n_epochs=2",
               "output.save_state=true", "precision.save=float", "network.dropout=0.1"]
     first = _train(tmp_path / "a", *common)
@@ -130,7 +132,9 @@ def test_state_resume_continues_bitwise(tmp_path: Path, tiny_model: Path) -> Non
     middle = first / "state" / states[0]
     meta = json.loads((middle / "state.json").read_text())
     assert meta["epoch"] == 3 and meta["batch"] == 0
-    resumed = _train(tmp_path / "b", *common, f"resume.state_dir={middle}")
+    proc = run_cli(["resume", str(first), "--state", str(middle)], cwd=tmp_path / "a")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    resumed = next(p for p in (tmp_path / "a" / "outputs" / "runs").iterdir() if p.name.endswith("-resume"))
     a = load_file(first / "lora" / "lora.safetensors")
     b = load_file(resumed / "lora" / "lora.safetensors")
     assert a.keys() == b.keys()
@@ -139,7 +143,7 @@ def test_state_resume_continues_bitwise(tmp_path: Path, tiny_model: Path) -> Non
     rec_b = json.loads((resumed / "run.json").read_text())
     assert rec_b["steps"] == rec_a["steps"]
     assert rec_b["val_history"] == rec_a["val_history"]
-    assert rec_b["resumed_from"] == str(middle)
+    assert rec_b["resumed_from"] == str(middle.resolve())
     # The resumed run only wrote what came after the state: no epoch-2 snapshot again.
     assert sorted(p.name for p in (resumed / "lora").iterdir()) == ["lora.safetensors"]
 

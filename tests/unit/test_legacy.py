@@ -296,3 +296,14 @@ def test_parameters_doc_shows_nested_keys_and_legacy_names() -> None:
     assert "seed `alfa`" in alpha and "LETS `alpha`" in alpha
     queue = next(line for line in text.splitlines() if line.startswith("| `multi_run_folder`"))
     assert "`lorasweep queue DIR`" in queue
+
+
+@pytest.mark.parametrize(("settings", "epochs", "max_steps"), [
+    ({"num_epochs": 10}, 10, None),  # no max_steps: lorasweep's default step count must not win
+    ({"num_epochs": 10, "max_steps": 500}, 10, None),  # kohya: max_train_epochs overrides max_train_steps
+    ({"num_epochs": None, "max_steps": 500}, 1, 500),
+])
+def test_lets_epochs_and_steps_follow_kohya(tmp_path: Path, settings: dict[str, Any], epochs: int,
+                                            max_steps: int | None) -> None:
+    cfg = compose([f"legacy.load_json_path={write_json(tmp_path / 'lets.json', settings)}"]).train_config()
+    assert (cfg.training.epochs, cfg.training.max_steps) == (epochs, max_steps)

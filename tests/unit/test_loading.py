@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,14 @@ from lorasweep.errors import UserError
 from lorasweep.models import single_file
 from lorasweep.models.loading import BaseModel, load_base_model, model_hash, resolve_base
 from lorasweep.models.single_file import save_single_file
-from lorasweep.models.tiny import build_tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(untrained_tiny: Path) -> Path:
+    return untrained_tiny
+
 
 
 @pytest.fixture(autouse=True)
@@ -37,24 +43,6 @@ def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache.mkdir()
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     return cache
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """These toy-sized models run fastest on one thread, and do not slow down when other work shares the cores
-    (two OpenMP threads on busy cores spin-wait: measured 30 ms vs 0.2-2 s per tiny UNet forward)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained tiny SD-1.x diffusers folder (one step per phase: the builder's minimum, ~3 s)."""
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny_model(folder, vae_steps=1, unet_steps=1, text_steps=1)
-    return folder
 
 
 @pytest.fixture(scope="module")

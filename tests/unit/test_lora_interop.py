@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -26,30 +25,20 @@ from torch import nn
 from lorasweep.config.network import NetworkConfig
 from lorasweep.config.train import TrainConfig
 from lorasweep.errors import UserError
-from lorasweep.models.tiny import build_tiny_model
 from lorasweep.network.kohya import kohya_hashes, load_lora_file, save_lora
 from lorasweep.network.lora import LoraNetwork, init_from_file, inject_lora
 from lorasweep.network.metadata import TrainingFacts, kohya_metadata
 
-DIM = 4
-TE_LEAVES = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: extra intra-op threads only add overhead (and spin on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded tiny SD-1.x model after one step per phase: real architecture and files, in seconds."""
-    dest = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny_model(dest, vae_steps=1, unet_steps=1, text_steps=1)
-    return dest
+def tiny_dir(untrained_tiny: Path) -> Path:
+    return untrained_tiny
+
+
+DIM = 4
+TE_LEAVES = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
 
 
 def _load(folder: Path) -> StableDiffusionPipeline:

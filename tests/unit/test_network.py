@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -36,6 +35,9 @@ from lorasweep.network.lora import (
     text_encoder_target_modules,
     unet_target_modules,
 )
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 UNET_BLOCK_KOHYA = {
     "proj_in",
@@ -73,16 +75,6 @@ def _write_tokenizer(folder: Path) -> CLIPTokenizer:
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, model_max_length=16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These models are tiny: intra-op threads only add overhead, and on a busy 2-core box OpenMP's
-    spinning made each small matmul ~100× slower (1.2 s per UNet forward). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

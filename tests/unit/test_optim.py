@@ -26,15 +26,7 @@ from lorasweep.errors import UserError
 from lorasweep.training.optim import build_optimizer, effective_learning_rates, optimizer_description
 
 FEATURES, RANK = 16, 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is ~100x faster than several fighting over two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def lora_pair(features: int = FEATURES, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:

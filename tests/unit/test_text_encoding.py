@@ -6,7 +6,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers imports huggingface_hub
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,10 @@ from lorasweep.data.synthetic import WORDS
 from lorasweep.models.text import encode_tokens, tokenize
 from lorasweep.models.tokenizer import build_tokenizer
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 SHORT = "zorb, on the left, blue background"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """These toy-sized models run fastest on one thread, and do not slow down when other work shares the cores
-    (two OpenMP threads on busy cores spin-wait: measured 30 ms vs 0.2-2 s per tiny UNet forward)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -193,17 +193,17 @@ def _epochs(raw: Any, ctx: Context) -> Pairs:
     if raw is None:
         raise Skip("null: lorasweep's default is kept")
     epochs = schema.coerce("training.epochs", raw)
-    if ctx.kind == "kohya":  # kohya: max_train_epochs overrides max_train_steps
-        return [("training.epochs", epochs), ("training.max_steps", None)]
-    return [("training.epochs", epochs)]
+    # kohya's max_train_epochs overrides max_train_steps; LETS passes num_epochs as max_train_epochs. Without
+    # max_steps=null lorasweep's default step count would silently win over the file's epochs.
+    return [("training.epochs", epochs), ("training.max_steps", None)]
 
 
 def _max_steps(raw: Any, ctx: Context) -> Pairs:
-    if ctx.kind == "kohya":
-        if ctx.values.get("max_train_epochs") is not None:
-            raise Skip("kohya ignores it when max_train_epochs is set")
-        if raw is None:
-            raise Skip("null: lorasweep's default is kept")
+    epochs_key = "max_train_epochs" if ctx.kind == "kohya" else "num_epochs"
+    if ctx.values.get(epochs_key) is not None:
+        raise Skip(f"kohya ignores it when {epochs_key} is set")
+    if raw is None:
+        raise Skip("null: lorasweep's default is kept")
     return [("training.max_steps", schema.coerce("training.max_steps", raw))]
 
 
@@ -401,7 +401,8 @@ TABLE: tuple[LegacyKey, ...] = (
          reason="steps ÷ max_train_steps; a float below 1 or a percentage is already a ratio"),
     # training loop
     _row("batch_size", "train_batch_size", "training.batch_size"),
-    LegacyKey("num_epochs", "max_train_epochs", ("training.epochs",), _epochs, lambda cfg: cfg.training.epochs,
+    LegacyKey("num_epochs", "max_train_epochs", ("training.epochs",), _epochs,
+              lambda cfg: None if cfg.training.max_steps is not None else cfg.training.epochs,
               reason="kohya's max_train_epochs overrides max_train_steps, so it also sets training.max_steps=null"),
     _row("max_steps", "max_train_steps", "training.max_steps", _max_steps),
     _row("save_every_n_epochs", "save_every_n_epochs", "output.save_every_n_epochs",
