@@ -75,8 +75,11 @@ def test_epochs_snapshots_export_tensorboard_and_reg_images(tmp_path: Path, user
                  "training.epochs=3", "training.batch_size=4", "output.save_every_n_epochs=1",
                  f"output.export_dir={export}", f"tracking.tensorboard_dir={board}", "output.name=mine",
                  "data.flip_aug=true", "data.shuffle_caption=true", "data.keep_tokens=1",
-                 "output.comment=hello")
+                 "output.comment=hello", f"legacy.save_json_folder={tmp_path / 'lets'}")
     record = json.loads((run / "run.json").read_text())
+    lets = json.loads((tmp_path / "lets" / f"{run.name}.json").read_text())  # the run as a LETS JSON
+    assert (lets["img_folder"], lets["reg_img_folder"], lets["change_output_name"]) == \
+        (str(user_data), str(reg_data), "mine")
     assert record["status"] == "FINISHED"
     assert record["n_reg_images"] == 6
     names = sorted(p.name for p in (run / "lora").iterdir())
@@ -121,20 +124,29 @@ def _event_tags(path: Path) -> set[str]:
     return tags
 
 
-def test_state_resume_continues_bitwise(tmp_path: Path, tiny_model: Path) -> None:
+COMMON_STATE = ["training.max_steps=null", "training.epochs=4", "output.save_every_n_epochs=2",
+                "output.save_state=true", "precision.save=float", "network.dropout=0.1"]
+
+
+@pytest.fixture(scope="module")
+def stateful_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 epochs with a training state saved after epoch 2 and at the end, and a float LoRA."""
+    return _train(tmp_path_factory.mktemp("stateful") / "a", *COMMON_STATE)
+
+
+def test_state_resume_continues_bitwise(stateful_run: Path) -> None:
     """`lorasweep resume RUN --state <after epoch 2>` ends with the uninterrupted run's LoRA, bit for bit
     (optimizer, scheduler, RNGs incl. LoRA dropout, data order restored), and its validation history."""
-    common = ["training.max_steps=null", "training.epochs=4", "output.save_every_n_epochs=2",
-              "output.save_state=true", "precision.save=float", "network.dropout=0.1"]
-    first = _train(tmp_path / "a", *common)
+    first = stateful_run
     states = sorted(p.name for p in (first / "state").iterdir())
     assert len(states) == 2, states  # after epoch 2 and at the end
     middle = first / "state" / states[0]
     meta = json.loads((middle / "state.json").read_text())
     assert meta["epoch"] == 3 and meta["batch"] == 0
-    proc = run_cli(["resume", str(first), "--state", str(middle)], cwd=tmp_path / "a")
+    work = first.parent.parent.parent
+    proc = run_cli(["resume", str(first), "--state", str(middle)], cwd=work)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    resumed = next(p for p in (tmp_path / "a" / "outputs" / "runs").iterdir() if p.name.endswith("-resume"))
+    resumed = next(p for p in (work / "outputs" / "runs").iterdir() if p.name.endswith("-resume"))
     a = load_file(first / "lora" / "lora.safetensors")
     b = load_file(resumed / "lora" / "lora.safetensors")
     assert a.keys() == b.keys()
@@ -148,15 +160,25 @@ def test_state_resume_continues_bitwise(tmp_path: Path, tiny_model: Path) -> Non
     assert sorted(p.name for p in (resumed / "lora").iterdir()) == ["lora.safetensors"]
 
 
-def test_resume_into_a_changed_config_is_refused(tmp_path: Path, tiny_model: Path) -> None:
-    first = _train(tmp_path / "a", "training.max_steps=8", "output.save_state=true")
-    state = next((first / "state").iterdir())
-    proc = run_cli(["train", *SHORT, "training.max_steps=8", "output.save_state=true", "training.batch_size=2",
-                    f"resume.state_dir={state}"], cwd=tmp_path / "a")
+def test_resume_into_a_changed_config_is_refused(stateful_run: Path, tmp_path: Path) -> None:
+    state = next((stateful_run / "state").iterdir())
+    proc = run_cli(["train", *SHORT, *COMMON_STATE, "training.batch_size=2", f"resume.state_dir={state}"],
+                   cwd=tmp_path)
     assert proc.returncode == 2
     assert "resume.state_dir" in proc.stderr and "training.batch_size" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert len(list((tmp_path / "a" / "outputs" / "runs").iterdir())) == 1
+    assert not (tmp_path / "outputs" / "runs").exists()
+
+
+def test_init_weights_starts_from_a_saved_lora(stateful_run: Path, tmp_path: Path, tiny_model: Path) -> None:
+    """network.init_weights: a run started from another run's float LoRA begins at that run's final
+    validation loss (same weights, same deterministic measurement), here loaded from the diffusers folder."""
+    second = _train(tmp_path / "b", f"model.base={tiny_model}", "training.max_steps=1",
+                    f"network.init_weights={stateful_run / 'lora' / 'lora.safetensors'}")
+    a = json.loads((stateful_run / "run.json").read_text())
+    b = json.loads((second / "run.json").read_text())
+    assert b["val_history"][0][1] == pytest.approx(a["val_loss"], rel=1e-6)
+    assert b["val_history"][0][1] < a["val_history"][0][1]  # not the fresh (zero) LoRA's start
 
 
 def test_train_from_a_single_file_checkpoint_with_model_options(tmp_path: Path, tiny_model: Path) -> None:
@@ -176,15 +198,3 @@ def test_train_from_a_single_file_checkpoint_with_model_options(tmp_path: Path, 
     assert meta["ss_sd_model_hash"] and len(meta["ss_new_sd_model_hash"]) == 64
     assert meta["ss_base_model_version"] == "sd_v1_v"
     assert (meta["ss_clip_skip"], meta["ss_max_token_length"], meta["ss_mixed_precision"]) == ("2", "150", "bf16")
-
-
-def test_init_weights_starts_from_a_saved_lora(tmp_path: Path, tiny_model: Path) -> None:
-    """network.init_weights: a run started from another run's float LoRA begins at that run's final
-    validation loss (same weights, same deterministic measurement), here loaded from the diffusers folder."""
-    first = _train(tmp_path / "a", "training.max_steps=10", "precision.save=float")
-    second = _train(tmp_path / "b", f"model.base={tiny_model}", "training.max_steps=1",
-                    f"network.init_weights={first / 'lora' / 'lora.safetensors'}")
-    a = json.loads((first / "run.json").read_text())
-    b = json.loads((second / "run.json").read_text())
-    assert b["val_history"][0][1] == pytest.approx(a["val_loss"], rel=1e-6)
-    assert b["val_history"][0][1] < a["val_history"][0][1]  # not the fresh (zero) LoRA's start

@@ -486,3 +486,38 @@ def test_load_lora_file_errors(tmp_path: Path) -> None:
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(UserError, match="not a readable safetensors"):
         load_lora_file(corrupt)
+
+
+def test_alpha_scales_the_update_by_alpha_over_dim(pipe: StableDiffusionPipeline, inputs: dict) -> None:
+    """kohya's network_alpha: the same down/up weights change a layer's output by (alpha/dim)·up·down·x, so
+    alpha = dim/2 gives exactly half the update of alpha = dim, and the saved ``.alpha`` says so."""
+    proj = "down_blocks.0.attentions.0.proj_in"
+    x = torch.randn(1, pipe.unet.get_submodule(proj).in_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    deltas = {}
+    for alpha in (4.0, 2.0):
+        net = inject_lora(pipe.unet, pipe.text_encoder, NetworkConfig(dim=4, alpha=alpha), seed=0)
+        _randomise(net)
+        layer = pipe.unet.get_submodule(proj)
+        with torch.no_grad():
+            deltas[alpha] = layer(x) - layer.get_base_layer()(x)
+        saved = net.state_dict()
+        assert float(saved["lora_unet_" + proj.replace(".", "_") + ".alpha"]) == alpha
+        net.remove()
+    torch.testing.assert_close(deltas[2.0], deltas[4.0] / 2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("cfg", "prefixes"), [
+    (NetworkConfig(dim=4, train_text_encoder=False), {"lora_unet_"}),  # seed: unet_only
+    (NetworkConfig(dim=4, train_unet=False), {"lora_te_"}),  # seed: text_only
+    (NetworkConfig(dim=4), {"lora_unet_", "lora_te_"}),
+])
+def test_unet_only_and_text_only_decide_what_is_trained_and_saved(pipe: StableDiffusionPipeline,
+                                                                  cfg: NetworkConfig, prefixes: set[str]) -> None:
+    net = inject_lora(pipe.unet, pipe.text_encoder, cfg, seed=0)
+    trainable = {id(p) for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in net.unet_params() + net.text_encoder_params()}
+    assert bool(net.unet_params()) == cfg.train_unet
+    assert bool(net.text_encoder_params()) == cfg.train_text_encoder
+    saved = {key.split("_", 2)[0] + "_" + key.split("_", 2)[1] + "_" for key in net.state_dict()}
+    assert saved == prefixes
+    net.remove()
