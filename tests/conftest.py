@@ -73,6 +73,18 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
                           env={**os.environ, **(env or {})})
 
 
+def user_error_line(returncode: int, stderr: str, *fragments: str) -> str:
+    """Assert bad input's contract: exit code 2, no traceback, exactly one ``lorasweep: error:`` paragraph that
+    contains every fragment; return that line."""
+    assert returncode == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [ln for ln in stderr.strip().splitlines() if ln.startswith("lorasweep: error:")]
+    assert len(lines) == 1, stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def trained_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """One `lorasweep train` run on the embedded default, shared by the run-folder, MLflow, export and

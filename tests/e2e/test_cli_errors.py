@@ -7,16 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, user_error_line
 
 
 def _assert_user_error(proc, *fragments: str) -> None:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("lorasweep: error:")]
-    assert len(lines) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    user_error_line(proc.returncode, proc.stderr, *fragments)
 
 
 @pytest.mark.parametrize(("override", "fragments"), [

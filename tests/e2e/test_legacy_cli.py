@@ -11,19 +11,13 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from lorasweep.sweeping.storage import SweepRecord
-from tests.conftest import run_cli
+from tests.conftest import run_cli, user_error_line
 
 SHORT = ["sampling.enabled=false", "validation.every_n_steps=null"]
 
 
 def _one_error_line(proc, *fragments: str) -> str:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("lorasweep: error:")]
-    assert len(lines) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+    return user_error_line(proc.returncode, proc.stderr, *fragments)
 
 
 def _lora_keys(run_dir: Path) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorasweep.cli import main
+from tests.conftest import user_error_line
 
 
 @pytest.mark.parametrize(("overrides", "fragments"), [
@@ -40,11 +41,5 @@ def test_invalid_parameter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
                            tiny_model: Path, overrides: list[str], fragments: tuple[str, ...]) -> None:
     monkeypatch.chdir(tmp_path)
     code = main(["train", *overrides])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("lorasweep: error:")]
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    user_error_line(code, capsys.readouterr().err, *fragments)
     assert not (tmp_path / "outputs" / "runs").exists()
