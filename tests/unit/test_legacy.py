@@ -27,7 +27,7 @@ LETS = {  # a LETS JSON as its ArgStore writes it (abridged): nulls, strings for
     "base_model": "/models/sd15.safetensors", "img_folder": "C:\\data\\shiroko", "output_folder": "",
     "save_json_folder": None, "load_json_path": None, "multi_run_folder": None, "json_load_skip_list": None,
     "change_output_name": "shiroko_v1", "training_comment": "trigger: shiroko", "save_json_only": False,
-    "sort_tag_occurrence_alphabetically": True, "optimizer_type": "AdamW8bit",
+    "sort_tag_occurrence_alphabetically": True, "optimizer_type": "Lion",
     "optimizer_args": {"weight_decay": "0.1", "betas": "0.9,0.99"}, "scheduler": "cosine_with_restarts",
     "cosine_restarts": 3, "scheduler_power": None, "learning_rate": 0.0001, "unet_lr": None,
     "text_encoder_lr": 5e-05, "warmup_lr_ratio": 0.05, "unet_only": True, "net_dim": 32, "alpha": 16,
@@ -75,7 +75,7 @@ def test_lets_json_values_are_converted(tmp_path: Path) -> None:
     assert values["output.name"] == "shiroko_v1"
     assert values["network.alpha"] == 16.0 and values["network.dim"] == 32
     assert values["network.train_text_encoder"] is False  # unet_only
-    assert values["optimizer.name"] == "adamw8bit"
+    assert values["optimizer.name"] == "lion"
     assert (values["optimizer.weight_decay"], values["optimizer.beta1"], values["optimizer.beta2"]) == (0.1, 0.9, 0.99)
     assert values["scheduler.name"] == "cosine_with_restarts" and values["scheduler.num_cycles"] == 3
     assert values["scheduler.power"] == 1.0  # null: kohya's default
@@ -193,7 +193,7 @@ def test_file_applies_at_composition_and_the_command_line_wins(tmp_path: Path) -
     path = write_json(tmp_path / "lets.json", {**LETS, "base_model": "tiny", "img_folder": None})
     loaded = compose([f"legacy.load_json_path={path}"]).train_config()
     assert (loaded.network.dim, loaded.scheduler.name, loaded.optimizer.name) == (32, "cosine_with_restarts",
-                                                                                  "adamw8bit")
+                                                                                  "lion")
     assert loaded.scheduler.num_cycles == 3 and loaded.data.buckets.step == 64
     mine = compose([f"legacy.load_json_path={path}", "network.dim=4", "scheduler=linear", "optimizer=adamw",
                     "legacy.json_load_skip_list=[learning_rate,model.base]"]).train_config()
@@ -216,7 +216,7 @@ def test_a_bad_value_from_the_file_names_the_setting(tmp_path: Path) -> None:
 
 def test_lets_json_round_trips(tmp_path: Path) -> None:
     tc = compose(["network.alpha_ratio=0.5", "scheduler=cosine_with_restarts", "scheduler.num_cycles=3",
-                  "optimizer=adamw8bit", "training.attention=eager", "data.buckets.step=16", "sampling.seeds=[3,4]",
+                  "optimizer=lion", "training.attention=eager", "data.buckets.step=16", "sampling.seeds=[3,4]",
                   "+tracking.tags.team=a", "network.train_unet=false", "optimizer.weight_decay=0.02",
                   f"legacy.save_json_folder={tmp_path}"]).train_config()
     tc.sampling.prompts = ["a b", "it's", "x\\'y"]
@@ -226,7 +226,7 @@ def test_lets_json_round_trips(tmp_path: Path) -> None:
     assert (first.name, second.name) == ("run.json", "run_1.json") and first.read_text() == second.read_text()
     data = json.loads(first.read_text())
     assert (data["net_dim"], data["alpha"], data["scheduler"], data["optimizer_type"], data["text_only"]) == \
-        (8, 4.0, "cosine_with_restarts", "AdamW8bit", True)
+        (8, 4.0, "cosine_with_restarts", "Lion", True)
     assert data["lorasweep"]["training.attention"] == "eager" and "network.dim" not in data["lorasweep"]
     back = compose([f"legacy.load_json_path={first}"]).train_config()
     assert fields_except_legacy(back) == fields_except_legacy(tc)
