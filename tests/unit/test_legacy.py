@@ -234,7 +234,7 @@ def test_lets_json_round_trips(tmp_path: Path) -> None:
 
 
 def test_save_json_only_files_read_back(tmp_path: Path) -> None:
-    tc = compose(["optimizer=adamw8bit", "scheduler=linear", "network.dim=6", "legacy.save_json_only=true",
+    tc = compose(["optimizer=lion", "scheduler=linear", "network.dim=6", "legacy.save_json_only=true",
                   f"legacy.save_json_folder={tmp_path}"]).train_config()
     json_path, yaml_path = save_config_files(tc)
     assert json_path.parent == yaml_path.parent == tmp_path and json_path.stem == yaml_path.stem
