@@ -265,6 +265,33 @@ def _save_json_only(tc: TrainConfig) -> int:
     return 0
 
 
+def config_groups(*folders: Path) -> dict[str, list[str]]:
+    """Every config group in ``folders`` (a sub-folder holding YAML files) and its options, sorted."""
+    groups: dict[str, set[str]] = {}
+    for folder in folders:
+        for yaml_file in folder.glob("*/*.yaml"):
+            groups.setdefault(yaml_file.parent.name, set()).add(yaml_file.stem)
+    return {group: sorted(options) for group, options in sorted(groups.items())}
+
+
+def _train_help(args: list[str]) -> int:
+    """``lorasweep train --help``: groups, options and the composed config. Hydra's own help takes seconds
+    (it composes the config once per option of every group, Hydra's included); this reads the folders."""
+    try:
+        overrides, config_name, config_dir = split_hydra_args([a for a in args if a not in ("--help", "-h")])
+        cfg = compose(overrides, config_name=config_name, config_dir=config_dir).cfg
+    except UserError as exc:
+        return report_user_error(exc)
+    folders = [conf_dir()] + ([Path(config_dir)] if config_dir else [])
+    groups = "\n".join(f"  {group}: {', '.join(options)}" for group, options in config_groups(*folders).items())
+    body = OmegaConf.to_yaml({k: v for k, v in cfg.items() if k != "hydra"})
+    print(f"usage: lorasweep train [group=option ...] [key=value ...] [-m] [--cfg job] [--hydra-help]\n\n"
+          f"Train one LoRA; with -m, sweep every combination of comma-separated values (Hydra multirun).\n\n"
+          f"config groups (group=option):\n{groups}\n\n"
+          f"config (override any key with key=value; docs/parameters.md documents each):\n{body}")
+    return 0
+
+
 def train_main(args: list[str]) -> int:
     """Run ``lorasweep train [overrides] [hydra flags]`` and return the exit code."""
     import hydra
@@ -274,6 +301,8 @@ def train_main(args: list[str]) -> int:
     from lorasweep.job import CheckedInputs, preflight, run_job
 
     register()
+    if any(a in ("--help", "-h") for a in args):
+        return _train_help(args)
     checked: CheckedInputs | None = None
     single_cfg: DictConfig | None = None
     multirun = any(a in ("-m", "--multirun") for a in args)

@@ -21,13 +21,13 @@ from lorasweep.config.paths import cache_root
 from lorasweep.config.train import TrainConfig, to_train_config
 from lorasweep.data.dataset import ImageItem, scan_folder, split_validation
 from lorasweep.errors import UserError
-from lorasweep.evaluation.samples import Sample
 from lorasweep.tracking.console import TrainProgress, attach_log_handlers, detach_log_handlers, make_console
 from lorasweep.tracking.files import atomic_write_text
 from lorasweep.tracking.mlflow_run import MlflowRun, flatten
 from lorasweep.tracking.run_folder import RunFolder
 
 if TYPE_CHECKING:
+    from lorasweep.evaluation.samples import Sample
     from lorasweep.sweeping.trial import TrialReporter
     from lorasweep.tracking.tensorboard import TensorBoardLog
     from lorasweep.training.loop import Plan
@@ -99,9 +99,7 @@ def check_output_root(root: Path) -> None:
 def preflight(cfg: DictConfig | TrainConfig) -> CheckedInputs:
     """Every check that can fail on user input, before any folder, MLflow run or model load exists."""
     from lorasweep.data.captions import check_keep_tokens
-    from lorasweep.data.loader import TrainData
     from lorasweep.models.loading import resolve_base
-    from lorasweep.training.state import load_state_meta
 
     tc = cfg if isinstance(cfg, TrainConfig) else to_train_config(cfg)
     resolve_base(tc.model)
@@ -113,9 +111,13 @@ def preflight(cfg: DictConfig | TrainConfig) -> CheckedInputs:
         reg_items = scan_folder(Path(tc.data.reg_dir).expanduser(), tc.data.caption_extension, "data.reg_dir",
                                 is_reg=True).items
     check_keep_tokens(scan.items, tc.data)
+    from lorasweep.data.loader import TrainData  # torch: only once the folders are known to be good
+
     TrainData(scan.items, reg_items, tc.data, seed=tc.training.seed, batch_size=tc.training.batch_size,
               prior_loss_weight=tc.training.prior_loss_weight)  # bucket fits: a too-small image fails here
     if tc.resume.state_dir:
+        from lorasweep.training.state import load_state_meta
+
         load_state_meta(Path(tc.resume.state_dir), tc)
     if tc.network.init_weights and not Path(tc.network.init_weights).expanduser().is_file():
         raise UserError("network.init_weights", f"{tc.network.init_weights} is not a file.",

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from lorasweep.config.data import BucketConfig, DataConfig
-from lorasweep.data.dataset import load_pixels, scan_folder, split_validation
+from lorasweep.data.buckets import fit_image
+from lorasweep.data.dataset import scan_folder, split_validation
+from lorasweep.data.images import load_pixels, probe_image
 from lorasweep.data.tags import format_tag_frequency, tag_frequency
 from lorasweep.errors import UserError
 
@@ -48,7 +50,8 @@ def test_caption_extension(tmp_path: Path) -> None:
 def test_any_image_mode_loads_as_rgb(tmp_path: Path, mode: str) -> None:
     _make(tmp_path / "1_x", "a", mode=mode, size=(96, 64))
     path = next((tmp_path / "1_x").glob("a.*"))
-    pixels = load_pixels(path, 32)
+    fit = fit_image(probe_image(path), (32, 32), BucketConfig(enabled=False), [(32, 32)])
+    pixels = load_pixels(path, fit)
     assert pixels.shape == (3, 32, 32)
     assert pixels.min() >= -1 and pixels.max() <= 1
     if mode == "RGBA":  # fully transparent composites onto white

@@ -13,11 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from lorasweep.config.data import BucketConfig
 from lorasweep.data import images
-from lorasweep.data.buckets import fit_image
 from lorasweep.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -128,13 +124,3 @@ def split_validation(items: list[ImageItem], fraction: float, seed: int) -> tupl
 def check_readable(path: Path) -> None:
     """Fail before training, naming the file, rather than at the step that first loads it."""
     images.probe_image(path)
-
-
-def load_pixels(path: Path, resolution: int) -> torch.Tensor:
-    """The square ``resolution`` centre crop of ``path`` as ``[3, H, W]`` in [-1, 1] (no buckets).
-
-    Kept for callers that predate buckets; :func:`lorasweep.data.images.load_pixels` takes a bucket fit.
-    """
-    size = (resolution, resolution)
-    fit = fit_image(images.probe_image(path), size, BucketConfig(enabled=False), [size])
-    return images.load_pixels(path, fit)

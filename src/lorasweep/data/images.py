@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lorasweep.data.buckets import Fit
 from lorasweep.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: scanning a folder must not pay for it
+    import torch
 
 #: EXIF orientations that rotate by 90°: the displayed width and height are the stored ones swapped.
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)
@@ -130,5 +133,7 @@ def load_pixels(path: Path, fit: Fit, *, flip: bool = False, crop: tuple[int, in
         array = color_augment(array, color_rng)
     if flip:
         array = array[:, ::-1]
+    import torch
+
     pixels = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lorasweep.config.model import ModelConfig
 from lorasweep.config.paths import cache_root
 from lorasweep.errors import UserError
@@ -162,7 +160,7 @@ def _resolve(cfg: ModelConfig) -> _Base:
 
     base = cfg.base
     if base == TINY:
-        from lorasweep.models.tiny import TINY_VERSION
+        from lorasweep.models import TINY_VERSION
 
         _check_v2(False, cfg.v2, "the embedded `tiny` model")
         return _Base("tiny", f"lorasweep/tiny-sd1-v{TINY_VERSION}", None)
@@ -299,6 +297,7 @@ def prepare_base(cfg: ModelConfig) -> tuple[str, Path | None]:
 
 
 def _load_diffusers(source: str, local: bool) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -337,6 +336,7 @@ def _load_tokenizer(location: tuple[str, str, bool]) -> Any:
 
 
 def _load_vae(path: Path, allow_pickle: bool) -> Any:
+    import torch
     from diffusers import AutoencoderKL
 
     from lorasweep.models.single_file import load_vae_file

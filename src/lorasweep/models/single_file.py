@@ -26,11 +26,12 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lorasweep.errors import UserError
+
+if TYPE_CHECKING:  # imported by the functions that make tensors: model.base checks must stay cheap
+    import torch
 
 __all__ = [
     "CLIP_PREFIX",
@@ -122,6 +123,8 @@ def read_state_dict(path: Path, *, key: str, allow_pickle: bool,
     (``.ckpt``...) is refused unless ``allow_pickle``; then ``torch.load(weights_only=True)`` reads it, which
     unpickles tensors and plain containers only, never arbitrary objects.
     """
+    import torch
+
     suffix = path.suffix.lower()
 
     def wanted(name: object) -> bool:
@@ -319,6 +322,7 @@ def infer_text_config(sd: Mapping[str, torch.Tensor], *, v2: bool, tokenizer: An
 def _build(factory: Callable[[], torch.nn.Module], weights: Mapping[str, torch.Tensor], *, key: str, path: Path,
            part: str) -> Any:
     """Instantiate without allocating weights, then take the converted tensors (as float32) as its parameters."""
+    import torch
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # parameters on the meta device; buffers (CLIP's position ids) stay real
@@ -531,6 +535,8 @@ def _text_to_ldm(state: Mapping[str, torch.Tensor], config: Any, *, v2: bool) ->
     For SD 2.x the file gets OpenCLIP's shape: q/k/v fused into ``in_proj``, one extra last block that SD 2
     never uses (zeros here; a real SD 2 file has OpenCLIP's own) and an identity ``text_projection``.
     """
+    import torch
+
     # transformers ≥ 5 names CLIPTextModel's weights without the ``text_model.`` level that SD files have.
     state = {name.removeprefix("text_model."): t for name, t in state.items() if not name.endswith("position_ids")}
     if not v2:

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from filelock import FileLock
 
 from lorasweep.data.synthetic import IMAGE_SIZE, base_world_samples
+from lorasweep.models import TINY_VERSION
 from lorasweep.tracking.files import install_dir
 
 __all__ = [
@@ -78,10 +79,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Bump when architecture, data or recipe change: the cache folder name carries it, so old caches are
-#: never mistaken for the new model.
-TINY_VERSION = 2
 
 #: Training resolution of the tiny model (and the resolution samples should be generated at).
 RESOLUTION = IMAGE_SIZE
