@@ -23,6 +23,9 @@ commands:
                             convert a LETS JSON, kohya TOML or train_network.py argument file into a YAML config
                             (or overrides), listing every setting it mapped and every one it could not, and why
   queue DIR [overrides]     train every *.json in DIR (a LETS multi_run_folder) as one multirun
+  cache info|clear [SECTION]
+                            show the cache shared by every run (latents, text embeddings, built models, data)
+                            or clear parts of it (default: features = latents + text)
 """
 
 
@@ -77,6 +80,12 @@ def _report(argv: list[str]) -> int:
     return 0
 
 
+def _cache(argv: list[str]) -> int:
+    from lorasweep.cache_command import cache_main
+
+    return cache_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -108,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             from lorasweep.legacy.commands import queue_main
 
             return queue_main(rest)
+        if command == "cache":
+            return _cache(rest)
     except UserError as exc:
         from lorasweep.app import report_user_error
 
