@@ -7,6 +7,7 @@ to MLflow, trains, saves the LoRA, and returns the objective (the final validati
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -138,7 +139,8 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
     import optuna
 
     from lorasweep.data.tags import format_tag_frequency, tag_frequency
-    from lorasweep.models.loading import load_base_model
+    from lorasweep.models.cache import acquire as acquire_model
+    from lorasweep.models.cache import release as release_model
     from lorasweep.network.kohya import save_lora
     from lorasweep.network.metadata import TrainingFacts, kohya_metadata
     from lorasweep.training.loop import lora_file_path, pick_device, train
@@ -194,11 +196,17 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
         board = TensorBoardLog(Path(tc.tracking.tensorboard_dir).expanduser(), run_dir.name)
     recorder = _Recorder(folder, tracker, reporter, board)
     status = "FAILED"
+    base = None
     try:
         if tracker is not None:
             tracker.log_params(flatten(resolved))
             tracker.log_artifact(folder.config_path)
-        base = load_base_model(tc.model)
+        loaded = acquire_model(tc.model)
+        base = loaded.base
+        folder.update_record(model_load={"cached": loaded.cached, "seconds": round(loaded.seconds, 3),
+                                         "pid": os.getpid()})
+        log.info("base model %s: %s in %.1f s", base.model_id, "reused from this process" if loaded.cached
+                 else "loaded", loaded.seconds)
         base_hashes = _base_hashes(tc)
         saved_state = load_state(Path(tc.resume.state_dir).expanduser(), tc) if tc.resume.state_dir else None
 
@@ -256,6 +264,8 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
             tracker.set_tags({"lorasweep.error": error[:5000]})
         raise
     finally:
+        if base is not None:
+            release_model(base)
         folder.update_record(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              duration_s=round(time.time() - started, 3))
         folder.close()

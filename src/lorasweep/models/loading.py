@@ -367,6 +367,22 @@ def _scheduler(config: dict[str, Any] | None, v_parameterization: bool) -> Any:
     return DDPMScheduler.from_config(config or sd_scheduler_config(), prediction_type=prediction)
 
 
+def _check_text_parts(cfg: ModelConfig, tokenizer: Any, text_encoder: Any) -> None:
+    if len(tokenizer) > text_encoder.config.vocab_size:
+        raise UserError("model.tokenizer", f"the tokenizer has {len(tokenizer)} tokens but the text encoder knows "
+                        f"only {text_encoder.config.vocab_size}: it belongs to another model.",
+                        "Use the tokenizer of the base model's family (CLIP ViT-L/14 for SD 1.x, SD 2's for 2.x).")
+    layers = text_encoder.config.num_hidden_layers
+    if cfg.clip_skip > layers:
+        raise UserError("model.clip_skip", f"{cfg.clip_skip} skips more layers than the text encoder's {layers}.",
+                        f"Use a value from 1 to {layers}.")
+
+
+def check_loaded(base: BaseModel, cfg: ModelConfig) -> None:
+    """The checks of ``cfg`` against a loaded model (a cached model loaded for another ``clip_skip``)."""
+    _check_text_parts(cfg, base.tokenizer, base.text_encoder)
+
+
 def load_base_model(cfg: ModelConfig) -> BaseModel:
     """Load every part in float32 on the CPU; the trainer moves them to the device and dtype it needs."""
     from lorasweep.models.single_file import load_checkpoint
@@ -391,14 +407,7 @@ def load_base_model(cfg: ModelConfig) -> BaseModel:
         _check_v2(_is_sd2(text_encoder.config.hidden_size, unet.config.cross_attention_dim), cfg.v2, source)
         tokenizer = tokenizer or own_tokenizer
     assert tokenizer is not None
-    if len(tokenizer) > text_encoder.config.vocab_size:
-        raise UserError("model.tokenizer", f"the tokenizer has {len(tokenizer)} tokens but the text encoder knows "
-                        f"only {text_encoder.config.vocab_size}: it belongs to another model.",
-                        "Use the tokenizer of the base model's family (CLIP ViT-L/14 for SD 1.x, SD 2's for 2.x).")
-    layers = text_encoder.config.num_hidden_layers
-    if cfg.clip_skip > layers:
-        raise UserError("model.clip_skip", f"{cfg.clip_skip} skips more layers than the text encoder's {layers}.",
-                        f"Use a value from 1 to {layers}.")
+    _check_text_parts(cfg, tokenizer, text_encoder)
     vae_hash = None
     if vae_path is not None:
         vae = _load_vae(vae_path, cfg.allow_pickle)

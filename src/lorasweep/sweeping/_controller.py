@@ -301,6 +301,9 @@ class SweepController:
             status = "KILLED"
             raise
         finally:
+            close_workers = getattr(self.launcher, "close", None)  # lorasweep_process keeps idle trial processes
+            if callable(close_workers):
+                close_workers()
             try:
                 from lorasweep.sweeping.report import build_report
 

@@ -1,22 +1,32 @@
-"""Run one Hydra job in a fresh Python process and bring its ``JobReturn`` back (see the
+"""Run Hydra jobs in separate Python processes and bring their ``JobReturn`` back (see the
 ``lorasweep_process`` launcher). The job, its Hydra context and the task function travel with cloudpickle
-through a file in the sweep folder; the result comes back the same way."""
+through a file in the sweep folder; the result comes back the same way.
+
+A :class:`Worker` is one such process that runs jobs one after another: imports (≈10 s of torch,
+diffusers, transformers and peft) and the process-level model cache outlive a job, so a sweep's later trials
+start training at once. A job that kills its process (a segfault, the OOM killer, ``os._exit``) fails alone;
+the next job gets a fresh worker.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import cloudpickle
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
+
+_REPLY_FD_ENV = "LORASWEEP_WORKER_REPLY_FD"
 
 
 class TrialProcessError(RuntimeError):
@@ -33,35 +43,92 @@ def _die_with_parent() -> None:
         pass
 
 
+class Worker:
+    """A child process that runs jobs on request: a line ``<job file>\\t<result file>`` on its stdin, the
+    reply ``done`` on a private pipe once the result file is written. Closing stdin ends it."""
+
+    def __init__(self) -> None:
+        reply_read, reply_write = os.pipe()
+        env = {**os.environ, _REPLY_FD_ENV: str(reply_write)}
+        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        self.process = subprocess.Popen([sys.executable, "-m", "lorasweep.sweeping._process"], stdin=subprocess.PIPE,
+                                        pass_fds=(reply_write,), preexec_fn=preexec, env=env)
+        os.close(reply_write)
+        self._reply: IO[bytes] = os.fdopen(reply_read, "rb", buffering=0)
+        self.jobs_run = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def run(self, job_file: Path, result_file: Path, timeout: float | None) -> None:
+        """Run one job; returns when its result file exists or the process has ended (then it is gone)."""
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(f"{job_file}\t{result_file}\n".encode())
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            self.process.wait()
+            return
+        self.jobs_run += 1
+        try:
+            ready, _, _ = select.select([self._reply], [], [], timeout)
+        except BaseException:
+            self.kill()
+            raise
+        if not ready:
+            self.kill()
+            raise subprocess.TimeoutExpired(self.process.args, timeout or 0.0)
+        if self._reply.readline().strip() != b"done":  # EOF: the process ended mid-job
+            self.process.wait()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self._reply.close()
+
+    def close(self) -> None:
+        """Ask the worker to exit (end of input) and wait for it; kill it if it does not go within 30 s."""
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reply.close()
+
+
 def run_in_process(hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction,
-                   overrides: list[str], job_num: int, *, timeout: float | None = None) -> JobReturn:
+                   overrides: list[str], job_num: int, *, timeout: float | None = None,
+                   worker: Worker | None = None) -> JobReturn:
+    """Run one job in ``worker`` (or a fresh worker that ends with the job) and return its ``JobReturn``."""
     sweep_dir = Path(str(config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".job-{job_num}-", dir=sweep_dir) as tmp:
-        job_file, result_file = Path(tmp) / "job.pkl", Path(tmp) / "result.pkl"
-        job_file.write_bytes(cloudpickle.dumps({
-            "hydra_context": hydra_context, "config": config, "task_function": task_function,
-            "overrides": overrides, "job_num": job_num, "singleton_state": Singleton.get_state()}))
-        command = [sys.executable, "-m", "lorasweep.sweeping._process", str(job_file), str(result_file)]
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        process = subprocess.Popen(command, preexec_fn=preexec, env=os.environ.copy())
-        try:
-            code = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            return _failed(overrides, TrialProcessError(f"job {job_num} ran longer than "
-                                                        f"hydra.launcher.timeout={timeout} s and was killed"))
-        except BaseException:
-            process.kill()
-            process.wait()
-            raise
-        if result_file.is_file():
-            ret = cloudpickle.loads(result_file.read_bytes())
-            assert isinstance(ret, JobReturn)
-            return ret
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code} without a result"
-        return _failed(overrides, TrialProcessError(f"the process of job {job_num} {how}"))
+    own = worker is None
+    worker = worker or Worker()
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".job-{job_num}-", dir=sweep_dir) as tmp:
+            job_file, result_file = Path(tmp) / "job.pkl", Path(tmp) / "result.pkl"
+            job_file.write_bytes(cloudpickle.dumps({
+                "hydra_context": hydra_context, "config": config, "task_function": task_function,
+                "overrides": overrides, "job_num": job_num, "singleton_state": Singleton.get_state()}))
+            try:
+                worker.run(job_file, result_file, timeout)
+            except subprocess.TimeoutExpired:
+                return _failed(overrides, TrialProcessError(f"job {job_num} ran longer than "
+                                                            f"hydra.launcher.timeout={timeout} s and was killed"))
+            if result_file.is_file():
+                ret = cloudpickle.loads(result_file.read_bytes())
+                assert isinstance(ret, JobReturn)
+                return ret
+            code = worker.process.wait()
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code} without a result"
+            return _failed(overrides, TrialProcessError(f"the process of job {job_num} {how}"))
+    finally:
+        if own and worker.alive:
+            worker.close()
 
 
 def _failed(overrides: list[str], error: BaseException) -> JobReturn:
@@ -70,7 +137,7 @@ def _failed(overrides: list[str], error: BaseException) -> JobReturn:
     return ret
 
 
-def _child(job_file: Path, result_file: Path) -> None:
+def _run_job_file(job_file: Path, result_file: Path) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import run_job, setup_globals
     from omegaconf import open_dict
@@ -97,5 +164,14 @@ def _child(job_file: Path, result_file: Path) -> None:
     tmp.replace(result_file)
 
 
+def _serve() -> None:
+    """The worker's loop: one job per stdin line until stdin closes."""
+    with os.fdopen(int(os.environ.pop(_REPLY_FD_ENV)), "wb", buffering=0) as reply:
+        for line in sys.stdin:
+            job_file, _, result_file = line.rstrip("\n").partition("\t")
+            _run_job_file(Path(job_file), Path(result_file))
+            reply.write(b"done\n")
+
+
 if __name__ == "__main__":
-    _child(Path(sys.argv[1]), Path(sys.argv[2]))
+    _serve()

@@ -59,7 +59,7 @@ def study_from_runs(sweep_dir: Path, record: SweepRecord) -> optuna.Study:
             state = TrialState.FAIL
         params = values[number]
         attrs: dict[str, Any] = {"run_dir": str(folder.resolve()), "job_number": number}
-        if run.get("mlflow", {}).get("run_id"):
+        if (run.get("mlflow") or {}).get("run_id"):
             attrs["mlflow_run_id"] = run["mlflow"]["run_id"]
         if run.get("error"):
             attrs["error"] = run["error"]

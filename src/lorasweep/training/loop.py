@@ -119,6 +119,28 @@ def _set_attention(unet: Any, backend: str) -> None:
         unet.set_attn_processor(AttnProcessor2_0() if backend == "sdpa" else AttnProcessor())
 
 
+def _set_gradient_checkpointing(unet: Any, text_encoder: Any, enabled: bool) -> None:
+    """On or off explicitly: a cached base keeps whatever the previous run of the process set."""
+    # transformers 5.2x renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
+    renamed = hasattr(text_encoder, "activation_checkpointing_enable")
+    if enabled:
+        unet.enable_gradient_checkpointing()
+        (text_encoder.activation_checkpointing_enable if renamed else text_encoder.gradient_checkpointing_enable)()
+    else:
+        unet.disable_gradient_checkpointing()
+        (text_encoder.activation_checkpointing_disable if renamed else text_encoder.gradient_checkpointing_disable)()
+
+
+def _restore(network: Any, modules: tuple[torch.nn.Module, ...]) -> None:
+    """Give the base back as it was loaded, for the next run of this process: LoRA off, and accelerate's
+    mixed-precision ``forward`` patch (an instance attribute set by ``prepare``) removed."""
+    network.remove()
+    for module in modules:
+        for attribute in ("forward", "_original_forward", "_is_accelerate_prepared"):
+            module.__dict__.pop(attribute, None)
+        module.eval()
+
+
 def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_items: list[ImageItem],
           recorder: Recorder, *, reg_items: list[ImageItem] | None = None, resume: SavedState | None = None,
           state_root: Path | None = None) -> TrainResult:
@@ -128,6 +150,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
     ``resume``: a loaded state to continue from (LoRA, optimizer, scheduler, scaler, RNGs, data position).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     from lorasweep.network.kohya import to_kohya_state_dict
@@ -135,191 +158,195 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
 
     tc = cfg.training
     device = pick_device(tc.device)
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier run of this process set its precision
     accelerator = Accelerator(mixed_precision=cfg.precision.mixed, gradient_accumulation_steps=tc.grad_accum_steps,
                               cpu=device.type == "cpu")
     set_seed(tc.seed)  # python, numpy and torch global RNGs: LoRA init and dropout draw from them
     device = accelerator.device
 
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
-    _set_attention(unet, tc.attention)
-    network = inject_lora(unet, text_encoder, cfg.network)
-    if resume is not None:
-        network.load_kohya_state_dict(resume.lora, source=str(resume.folder))
-    elif cfg.network.init_weights:
-        from lorasweep.network.lora import init_from_file
-
-        init_from_file(network, Path(cfg.network.init_weights).expanduser())
-    unet_params, te_params = network.unet_params(), network.text_encoder_params()
-    if tc.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable()
     for module in (unet, vae, text_encoder):
-        module.to(device)
-    vae.eval()
+        module.eval()  # the base may come from an earlier run of this process (models.cache)
+    _set_attention(unet, tc.attention)
+    _set_gradient_checkpointing(unet, text_encoder, tc.gradient_checkpointing)
+    network = inject_lora(unet, text_encoder, cfg.network)
+    try:
+        if resume is not None:
+            network.load_kohya_state_dict(resume.lora, source=str(resume.folder))
+        elif cfg.network.init_weights:
+            from lorasweep.network.lora import init_from_file
 
-    max_tokens = cfg.model.max_token_length
+            init_from_file(network, Path(cfg.network.init_weights).expanduser())
+        unet_params, te_params = network.unet_params(), network.text_encoder_params()
+        for module in (unet, vae, text_encoder):
+            module.to(device)
+        vae.eval()
 
-    def encode(te: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        return encode_tokens(te, ids, cfg.model.clip_skip, max_token_length=max_tokens)
+        max_tokens = cfg.model.max_token_length
 
-    def token_ids(captions: list[str]) -> torch.Tensor:
-        return tokenize(base.tokenizer, captions, max_token_length=max_tokens).to(device)
+        def encode(te: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+            return encode_tokens(te, ids, cfg.model.clip_skip, max_token_length=max_tokens)
 
-    # Data: latents once when cached (the VAE is frozen), validation latents (posterior mean) always.
-    data = TrainData(train_items, reg_items or [], cfg.data, seed=tc.seed, batch_size=tc.batch_size,
-                     prior_loss_weight=tc.prior_loss_weight)
-    noise_gen = torch.Generator(device=device).manual_seed(tc.seed)
-    latent_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
-    generators = {"noise": noise_gen, "latent": latent_gen}
-    cached: dict[str, torch.Tensor] = {}
-    if cfg.data.cache_latents:
-        entries = data.cache_entries()
-        latents = _encode_groups(vae, [data.load_entry_pixels(e) for e in entries], device, 16, latent_gen)
-        cached = {e.key: z for e, z in zip(entries, latents, strict=True)}
-    val_latents = _encode_groups(vae, [px for _, px in data.val_pixels(val_items)], device, 16, None)
-    validation = ValidationLoss(val_latents, tokenize(base.tokenizer, [it.caption for it in val_items],
-                                                      max_token_length=max_tokens),
-                                list(cfg.validation.timesteps), cfg.validation.repeats, cfg.validation.seed,
-                                base.noise_scheduler, cfg.validation.batch_size).to(device)
+        def token_ids(captions: list[str]) -> torch.Tensor:
+            return tokenize(base.tokenizer, captions, max_token_length=max_tokens).to(device)
 
-    batches_per_epoch = data.num_batches
-    total_steps, n_epochs = total_optimizer_steps(cfg, batches_per_epoch)
-    plan = Plan(total_steps, n_epochs, batches_per_epoch, warmup_steps(cfg.scheduler, total_steps),
-                data.num_reg_images, data.bucket_info() if cfg.data.buckets.enabled else None)
-    optimizer = build_optimizer(cfg.optimizer, unet_params, te_params)
-    lr_scheduler = build_lr_scheduler(cfg.scheduler, optimizer, total_steps)
-    trained = [m for m, p in ((unet, unet_params), (text_encoder, te_params)) if p]
-    prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
-    trained, optimizer, lr_scheduler = list(prepared[:-2]), prepared[-2], prepared[-1]
-    unet_fwd = trained[0] if unet_params else unet
-    te_fwd = trained[-1] if te_params else text_encoder
-    params = unet_params + te_params
-    for module in trained:
-        module.train()
+        # Data: latents once when cached (the VAE is frozen), validation latents (posterior mean) always.
+        data = TrainData(train_items, reg_items or [], cfg.data, seed=tc.seed, batch_size=tc.batch_size,
+                         prior_loss_weight=tc.prior_loss_weight)
+        noise_gen = torch.Generator(device=device).manual_seed(tc.seed)
+        latent_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
+        generators = {"noise": noise_gen, "latent": latent_gen}
+        cached: dict[str, torch.Tensor] = {}
+        if cfg.data.cache_latents:
+            entries = data.cache_entries()
+            latents = _encode_groups(vae, [data.load_entry_pixels(e) for e in entries], device, 16, latent_gen)
+            cached = {e.key: z for e, z in zip(entries, latents, strict=True)}
+        val_latents = _encode_groups(vae, [px for _, px in data.val_pixels(val_items)], device, 16, None)
+        validation = ValidationLoss(val_latents, tokenize(base.tokenizer, [it.caption for it in val_items],
+                                                          max_token_length=max_tokens),
+                                    list(cfg.validation.timesteps), cfg.validation.repeats, cfg.validation.seed,
+                                    base.noise_scheduler, cfg.validation.batch_size).to(device)
 
-    position = Position(step=0, epoch=1, batch=0)
-    if resume is not None:
-        optimizer.load_state_dict(resume.training["optimizer"])
-        lr_scheduler.load_state_dict(resume.training["scheduler"])
-        if resume.training["scaler"] is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(resume.training["scaler"])
-        set_rng_states(resume.training["rng"], generators)
-        position = resume.position
+        batches_per_epoch = data.num_batches
+        total_steps, n_epochs = total_optimizer_steps(cfg, batches_per_epoch)
+        plan = Plan(total_steps, n_epochs, batches_per_epoch, warmup_steps(cfg.scheduler, total_steps),
+                    data.num_reg_images, data.bucket_info() if cfg.data.buckets.enabled else None)
+        optimizer = build_optimizer(cfg.optimizer, unet_params, te_params)
+        lr_scheduler = build_lr_scheduler(cfg.scheduler, optimizer, total_steps)
+        trained = [m for m, p in ((unet, unet_params), (text_encoder, te_params)) if p]
+        prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
+        trained, optimizer, lr_scheduler = list(prepared[:-2]), prepared[-2], prepared[-1]
+        unet_fwd = trained[0] if unet_params else unet
+        te_fwd = trained[-1] if te_params else text_encoder
+        params = unet_params + te_params
+        for module in trained:
+            module.train()
 
-    def evaluate() -> float:
-        return validation(unet_fwd, te_fwd, encode, accelerator.autocast)
+        position = Position(step=0, epoch=1, batch=0)
+        if resume is not None:
+            optimizer.load_state_dict(resume.training["optimizer"])
+            lr_scheduler.load_state_dict(resume.training["scheduler"])
+            if resume.training["scaler"] is not None and accelerator.scaler is not None:
+                accelerator.scaler.load_state_dict(resume.training["scaler"])
+            set_rng_states(resume.training["rng"], generators)
+            position = resume.position
 
-    def sample(step: int) -> None:
-        if cfg.sampling.enabled:
-            recorder.samples(step, render_samples(
-                cfg.sampling, unet=accelerator.unwrap_model(unet_fwd), vae=vae,
-                text_encoder=accelerator.unwrap_model(te_fwd), tokenizer=base.tokenizer,
-                noise_scheduler=base.noise_scheduler, size=cfg.data.size, clip_skip=cfg.model.clip_skip,
-                max_token_length=max_tokens, device=device))
+        def evaluate() -> float:
+            return validation(unet_fwd, te_fwd, encode, accelerator.autocast)
 
-    def lr_values() -> dict[str, float]:
-        return {f"lr/{name}": value for name, value in effective_learning_rates(optimizer).items()}
+        def sample(step: int) -> None:
+            if cfg.sampling.enabled:
+                recorder.samples(step, render_samples(
+                    cfg.sampling, unet=accelerator.unwrap_model(unet_fwd), vae=vae,
+                    text_encoder=accelerator.unwrap_model(te_fwd), tokenizer=base.tokenizer,
+                    noise_scheduler=base.noise_scheduler, size=cfg.data.size, clip_skip=cfg.model.clip_skip,
+                    max_token_length=max_tokens, device=device))
 
-    def lora_tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        return to_kohya_state_dict(accelerator.unwrap_model(unet_fwd) if unet_params else None,
-                                   accelerator.unwrap_model(te_fwd) if te_params else None,
-                                   alpha=cfg.network.effective_alpha, dtype=dtype)
+        def lr_values() -> dict[str, float]:
+            return {f"lr/{name}": value for name, value in effective_learning_rates(optimizer).items()}
 
-    saved_states: list[Path] = []
+        def lora_tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+            return to_kohya_state_dict(accelerator.unwrap_model(unet_fwd) if unet_params else None,
+                                       accelerator.unwrap_model(te_fwd) if te_params else None,
+                                       alpha=cfg.network.effective_alpha, dtype=dtype)
 
-    def checkpoint(at: Position) -> None:
-        if cfg.output.save_state and state_root is not None:
-            saved_states.append(save_state(
-                state_root / f"step-{at.step:06d}", cfg=cfg, position=at, lora=lora_tensors(torch.float32),
-                optimizer=optimizer, scheduler=lr_scheduler, scaler=accelerator.scaler, generators=generators,
-                extra={"val_history": history}))
+        saved_states: list[Path] = []
 
-    step = position.step
-    if step == 0:
-        val = evaluate()
-        history = [(0, val)]
-        recorder.metrics(0, {"val_loss": val, **lr_values()})
-        sample(0)
-    else:
-        history = [(int(s), float(v)) for s, v in resume.extra.get("val_history", [])] if resume else []
-    val_start = history[0][1] if history else float("nan")
+        def checkpoint(at: Position) -> None:
+            if cfg.output.save_state and state_root is not None:
+                saved_states.append(save_state(
+                    state_root / f"step-{at.step:06d}", cfg=cfg, position=at, lora=lora_tensors(torch.float32),
+                    optimizer=optimizer, scheduler=lr_scheduler, scaler=accelerator.scaler, generators=generators,
+                    extra={"val_history": history}))
 
-    num_t = base.noise_scheduler.config.num_train_timesteps
-    save_dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision.save]
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
-    interval_start = time.perf_counter()
-    interval_images = 0
-    interval_steps = 0
-    recorder.progress(step, total_steps, None)
-    epoch, start_batch = position.epoch, position.batch
-    while step < total_steps:
-        for batch_index, batch in enumerate(data.loader(epoch, start_batch=start_batch), start=start_batch):
-            with accelerator.accumulate(*trained):
-                if batch["cache_keys"] is not None:
-                    latents = torch.stack([cached[k] for k in batch["cache_keys"]])
-                else:
-                    latents = _encode_pixels(vae, batch["pixels"], device, latent_gen)
-                noise = torch.randn(latents.shape, generator=noise_gen, device=device)
-                timesteps = torch.randint(0, num_t, (latents.shape[0],), generator=noise_gen, device=device)
-                noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-                ids = token_ids(batch["captions"])
-                if te_params:
-                    states = encode(te_fwd, ids)
-                else:
-                    with torch.no_grad():
+        step = position.step
+        if step == 0:
+            val = evaluate()
+            history = [(0, val)]
+            recorder.metrics(0, {"val_loss": val, **lr_values()})
+            sample(0)
+        else:
+            history = [(int(s), float(v)) for s, v in resume.extra.get("val_history", [])] if resume else []
+        val_start = history[0][1] if history else float("nan")
+
+        num_t = base.noise_scheduler.config.num_train_timesteps
+        save_dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision.save]
+        loss_sum = torch.zeros((), device=device)
+        loss_count = 0
+        interval_start = time.perf_counter()
+        interval_images = 0
+        interval_steps = 0
+        recorder.progress(step, total_steps, None)
+        epoch, start_batch = position.epoch, position.batch
+        while step < total_steps:
+            for batch_index, batch in enumerate(data.loader(epoch, start_batch=start_batch), start=start_batch):
+                with accelerator.accumulate(*trained):
+                    if batch["cache_keys"] is not None:
+                        latents = torch.stack([cached[k] for k in batch["cache_keys"]])
+                    else:
+                        latents = _encode_pixels(vae, batch["pixels"], device, latent_gen)
+                    noise = torch.randn(latents.shape, generator=noise_gen, device=device)
+                    timesteps = torch.randint(0, num_t, (latents.shape[0],), generator=noise_gen, device=device)
+                    noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
+                    ids = token_ids(batch["captions"])
+                    if te_params:
                         states = encode(te_fwd, ids)
-                pred = unet_fwd(noisy, timesteps, states).sample
-                target = training_target(base.noise_scheduler, latents, noise, timesteps)
-                loss = weighted_loss(pred, target, batch["loss_weight"])
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            loss_count += 1
-            interval_images += latents.shape[0]
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            interval_steps += 1
-            last = step == total_steps
-            if step % tc.log_every_n_steps == 0 or last:
-                mean_loss = float(loss_sum.item()) / loss_count  # the only host-device sync of the loop
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteLossError(f"the training loss became {mean_loss} by step {step}; the "
-                                             "learning rate is probably too high")
-                elapsed = time.perf_counter() - interval_start
-                recorder.metrics(step, {"loss": mean_loss, "epoch": epoch, **lr_values(),
-                                        "throughput/steps_per_s": interval_steps / elapsed,
-                                        "throughput/samples_per_s": interval_images / elapsed})
-                recorder.progress(step, total_steps, mean_loss)
-                loss_sum.zero_()
-                loss_count = 0
-                interval_images = 0
-                interval_steps = 0
-                interval_start = time.perf_counter()
-            if (cfg.validation.every_n_steps and step % cfg.validation.every_n_steps == 0) or last:
-                val = evaluate()
-                history.append((step, val))
-                recorder.metrics(step, {"val_loss": val})
-            if (cfg.sampling.every_n_steps and step % cfg.sampling.every_n_steps == 0) or last:
-                sample(step)
-            if last:
-                checkpoint(Position(step, epoch, batch_index + 1))
-                break
-        else:  # the epoch ran to its end
-            every = cfg.output.save_every_n_epochs
-            if every and epoch % every == 0 and step < total_steps:
-                recorder.snapshot(epoch, step, lora_tensors(save_dtype), plan)
-                checkpoint(Position(step, epoch + 1, 0))
-        epoch += 1
-        start_batch = 0
+                    else:
+                        with torch.no_grad():
+                            states = encode(te_fwd, ids)
+                    pred = unet_fwd(noisy, timesteps, states).sample
+                    target = training_target(base.noise_scheduler, latents, noise, timesteps)
+                    loss = weighted_loss(pred, target, batch["loss_weight"])
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and tc.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                loss_count += 1
+                interval_images += latents.shape[0]
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                interval_steps += 1
+                last = step == total_steps
+                if step % tc.log_every_n_steps == 0 or last:
+                    mean_loss = float(loss_sum.item()) / loss_count  # the only host-device sync of the loop
+                    if not math.isfinite(mean_loss):
+                        raise NonFiniteLossError(f"the training loss became {mean_loss} by step {step}; the "
+                                                 "learning rate is probably too high")
+                    elapsed = time.perf_counter() - interval_start
+                    recorder.metrics(step, {"loss": mean_loss, "epoch": epoch, **lr_values(),
+                                            "throughput/steps_per_s": interval_steps / elapsed,
+                                            "throughput/samples_per_s": interval_images / elapsed})
+                    recorder.progress(step, total_steps, mean_loss)
+                    loss_sum.zero_()
+                    loss_count = 0
+                    interval_images = 0
+                    interval_steps = 0
+                    interval_start = time.perf_counter()
+                if (cfg.validation.every_n_steps and step % cfg.validation.every_n_steps == 0) or last:
+                    val = evaluate()
+                    history.append((step, val))
+                    recorder.metrics(step, {"val_loss": val})
+                if (cfg.sampling.every_n_steps and step % cfg.sampling.every_n_steps == 0) or last:
+                    sample(step)
+                if last:
+                    checkpoint(Position(step, epoch, batch_index + 1))
+                    break
+            else:  # the epoch ran to its end
+                every = cfg.output.save_every_n_epochs
+                if every and epoch % every == 0 and step < total_steps:
+                    recorder.snapshot(epoch, step, lora_tensors(save_dtype), plan)
+                    checkpoint(Position(step, epoch + 1, 0))
+            epoch += 1
+            start_batch = 0
 
-    return TrainResult(steps=step, val_loss_start=val_start, val_loss=history[-1][1] if history else float("nan"),
-                       plan=plan, val_history=history, lora_tensors=lora_tensors(save_dtype), states=saved_states)
+        return TrainResult(steps=step, val_loss_start=val_start, val_loss=history[-1][1] if history else float("nan"),
+                           plan=plan, val_history=history, lora_tensors=lora_tensors(save_dtype), states=saved_states)
+    finally:
+        _restore(network, (unet, vae, text_encoder))
 
 
 def lora_file_path(run_dir: Path, name: str, extension: str = "safetensors") -> Path:
