@@ -146,6 +146,7 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
     from lorasweep.training.loop import lora_file_path, pick_device, train
     from lorasweep.training.state import load_state
 
+    job_start = time.perf_counter()
     checked = checked or preflight(cfg)
     tc = checked.config
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -244,6 +245,12 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
         job_result = JobResult(run_dir, result.val_loss_start, result.val_loss, lora_path,
                                None if tracker is None else tracker.run_id, None if tracker is None else tracker.uri,
                                train_time_s=train_time, steps=result.steps)
+        if result.feature_cache:
+            log.info("feature cache: %s", ", ".join(f"{kind} {c['hits']} hits, {c['built']} built"
+                                                   for kind, c in result.feature_cache.items()))
+        folder.update_record(feature_cache=result.feature_cache, peak_rss_mib=peak_rss_mib(),
+                             time_to_first_step_s=None if result.first_step_at is None
+                             else round(result.first_step_at - job_start, 3))
         folder.update_record(objective=result.val_loss, val_loss=result.val_loss,
                              val_loss_start=result.val_loss_start, steps=result.steps, train_time_s=train_time,
                              objectives=job_result.objectives, val_history=result.val_history,
@@ -276,6 +283,15 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
             if reporter is not None:
                 tracker.set_tags({"optuna.state": {"FINISHED": "COMPLETE", "PRUNED": "PRUNED"}.get(status, "FAIL")})
             _finish_tracking(tracker, folder, "KILLED" if status == "PRUNED" else status)
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far (MiB); in a reused trial process, over all its trials."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
 
 
 def _finish_tracking(tracker: MlflowRun, folder: RunFolder, status: str) -> None:

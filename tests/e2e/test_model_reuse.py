@@ -35,3 +35,12 @@ def test_second_trial_in_a_reused_worker_equals_a_fresh_process(tiny_model: Path
     assert reused.keys() == reference.keys() and any(k.startswith("lora_te_") for k in reused)
     assert all(torch.equal(reused[k], reference[k]) for k in reference)
     assert records[1]["val_loss"] == json.loads((fresh_run / "run.json").read_text())["val_loss"]
+
+    # The second trial encoded nothing: its latents came from the machine-wide feature cache.
+    first, second = (r["feature_cache"]["latents"] for r in records)
+    assert second == {"hits": first["hits"] + first["built"], "built": 0} and second["hits"] > 0
+    assert 0 < records[1]["time_to_first_step_s"] < records[1]["duration_s"]
+    assert records[1]["peak_rss_mib"] >= records[0]["peak_rss_mib"] > 100  # one process: its peak so far
+    shares = [json.loads(line).get("throughput/data_wait_share") for line in
+              (tmp_path / "sweep" / "1" / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in shares if s is not None] and all(0 <= s <= 1 for s in shares if s is not None)

@@ -79,6 +79,12 @@ class DataConfig:
     with ``color_aug`` or ``random_crop``, which change the pixels every time. false = encode each batch
     anew with a fresh posterior sample."""
 
+    cache_to_disk: bool = True
+    """Keep cached latents (and the hidden states of static captions when the text encoder is frozen) in the
+    machine-wide feature cache (``<cache root>/features``, see ``lorasweep cache info``), keyed by model,
+    image bytes, bucket and flip: later runs and sweep trials on the same data encode nothing. false =
+    encode for this run only, in memory (kohya's ``cache_latents`` without ``cache_latents_to_disk``)."""
+
     reg_dir: str | None = None
     """Regularisation (class) image root in the same ``<repeats>_<class>`` layout, for DreamBooth-style prior
     preservation; their loss is weighted by ``training.prior_loss_weight``. As in kohya, an epoch shows as

@@ -42,7 +42,16 @@ class TrainingConfig:
     xformers package and CUDA) or ``eager``. Seed: ``xformers``."""
 
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory (slower)."""
+    """Recompute activations in the backward pass to save memory (slower: about one more forward pass)."""
+
+    channels_last: bool | None = None
+    """UNet convolutions in NHWC memory layout. null = on CUDA only, where cuDNN's tensor-core convolutions
+    want NHWC; on CPU oneDNN's default layout was measured as fast or faster. Values are unchanged, only the
+    layout (no kohya equivalent)."""
+
+    compile: bool = False
+    """``torch.compile`` the UNet forward (diffusers' ``--enable_compile``-style). The first steps pay the
+    compilation (minutes for SD-size models, and a C++ compiler on CPU); it pays off for long runs on CUDA."""
 
     prior_loss_weight: float = 1.0
     """Weight of the loss on regularisation images (``data.reg_dir``), DreamBooth prior preservation."""

@@ -51,13 +51,16 @@ class ValidationLoss:
 
     @torch.no_grad()
     def __call__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, encode: Encode,
-                 autocast: Callable[[], AbstractContextManager[None]]) -> float:
+                 autocast: Callable[[], AbstractContextManager[None]], *, states: torch.Tensor | None = None) -> float:
+        """The mean loss over every precomputed triple. ``states``: the captions' hidden states when the text
+        encoder is frozen (computed once by the caller); else they are encoded here, in eval mode."""
         was_training = (unet.training, text_encoder.training)
         unet.eval()
         text_encoder.eval()
         try:
             with autocast():
-                states = encode(text_encoder, self.input_ids)
+                if states is None:
+                    states = encode(text_encoder, self.input_ids)
                 total = torch.zeros((), dtype=torch.float64, device=self.input_ids.device)
                 for group in self.groups:
                     for start in range(0, group["noise"].shape[0], self.batch_size):

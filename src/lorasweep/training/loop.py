@@ -69,6 +69,10 @@ class TrainResult:
     val_history: list[tuple[int, float]] = field(default_factory=list)
     lora_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     states: list[Path] = field(default_factory=list)
+    first_step_at: float | None = None
+    """``time.perf_counter()`` when the first optimizer step of this call ended (time-to-first-step)."""
+    feature_cache: dict[str, Any] = field(default_factory=dict)
+    """Hits and entries built per feature kind (``{"latents": {"hits": 8, "built": 0}}``)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -135,6 +139,7 @@ def _restore(network: Any, modules: tuple[torch.nn.Module, ...]) -> None:
     """Give the base back as it was loaded, for the next run of this process: LoRA off, and accelerate's
     mixed-precision ``forward`` patch (an instance attribute set by ``prepare``) removed."""
     network.remove()
+    modules[0].to(memory_format=torch.contiguous_format)  # the UNet, if the run made it channels-last
     for module in modules:
         for attribute in ("forward", "_original_forward", "_is_accelerate_prepared"):
             module.__dict__.pop(attribute, None)
@@ -155,6 +160,13 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
 
     from lorasweep.network.kohya import to_kohya_state_dict
     from lorasweep.network.lora import inject_lora
+    from lorasweep.training.features import (
+        FrozenTextStates,
+        describe,
+        feature_store,
+        latent_moments,
+        sample_latents,
+    )
 
     tc = cfg.training
     device = pick_device(tc.device)
@@ -180,7 +192,11 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         unet_params, te_params = network.unet_params(), network.text_encoder_params()
         for module in (unet, vae, text_encoder):
             module.to(device)
-        vae.eval()
+        if tc.channels_last if tc.channels_last is not None else device.type == "cuda":
+            unet.to(memory_format=torch.channels_last)
+        if device.type == "cuda":  # process-wide flags: set by every run, so a reused process keeps no stale one
+            torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
 
         max_tokens = cfg.model.max_token_length
 
@@ -196,11 +212,18 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         noise_gen = torch.Generator(device=device).manual_seed(tc.seed)
         latent_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
         generators = {"noise": noise_gen, "latent": latent_gen}
+        stores = {kind: feature_store(cfg.model.cache_dir, kind, cfg.data.cache_to_disk)
+                  for kind in ("latents", "text")}
         cached: dict[str, torch.Tensor] = {}
         if cfg.data.cache_latents:
             entries = data.cache_entries()
-            latents = _encode_groups(vae, [data.load_entry_pixels(e) for e in entries], device, 16, latent_gen)
-            cached = {e.key: z for e, z in zip(entries, latents, strict=True)}
+            moments = latent_moments(data, entries, base, device, stores["latents"])
+            cached = {e.key: z for e, z in zip(entries, sample_latents(moments, vae, latent_gen), strict=True)}
+        frozen_text = None
+        if not te_params and not cfg.data.shuffle_caption and not cfg.data.caption_tag_dropout_rate:
+            # Static captions under a frozen text encoder: each caption's states are computed once.
+            frozen_text = FrozenTextStates(base, encode, token_ids, clip_skip=cfg.model.clip_skip,
+                                           max_token_length=max_tokens, device=device, store=stores["text"])
         val_latents = _encode_groups(vae, [px for _, px in data.val_pixels(val_items)], device, 16, None)
         validation = ValidationLoss(val_latents, tokenize(base.tokenizer, [it.caption for it in val_items],
                                                           max_token_length=max_tokens),
@@ -221,6 +244,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         params = unet_params + te_params
         for module in trained:
             module.train()
+        unet_step = torch.compile(unet_fwd) if tc.compile else unet_fwd  # evaluation runs uncompiled (eval mode)
 
         position = Position(step=0, epoch=1, batch=0)
         if resume is not None:
@@ -231,8 +255,10 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
             set_rng_states(resume.training["rng"], generators)
             position = resume.position
 
+        val_states = None if frozen_text is None else frozen_text([it.caption for it in val_items])
+
         def evaluate() -> float:
-            return validation(unet_fwd, te_fwd, encode, accelerator.autocast)
+            return validation(unet_fwd, te_fwd, encode, accelerator.autocast, states=val_states)
 
         def sample(step: int) -> None:
             if cfg.sampling.enabled:
@@ -273,13 +299,17 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         save_dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision.save]
         loss_sum = torch.zeros((), device=device)
         loss_count = 0
-        interval_start = time.perf_counter()
+        interval_start = fetch_start = time.perf_counter()
         interval_images = 0
         interval_steps = 0
+        first_step_at: float | None = None
+        data_wait = 0.0  # time the step waited for its batch, this interval
+        off_loop = 0.0  # time spent evaluating, sampling and saving, this interval (not training throughput)
         recorder.progress(step, total_steps, None)
         epoch, start_batch = position.epoch, position.batch
         while step < total_steps:
             for batch_index, batch in enumerate(data.loader(epoch, start_batch=start_batch), start=start_batch):
+                data_wait += time.perf_counter() - fetch_start
                 with accelerator.accumulate(*trained):
                     if batch["cache_keys"] is not None:
                         latents = torch.stack([cached[k] for k in batch["cache_keys"]])
@@ -288,13 +318,14 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                     noise = torch.randn(latents.shape, generator=noise_gen, device=device)
                     timesteps = torch.randint(0, num_t, (latents.shape[0],), generator=noise_gen, device=device)
                     noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-                    ids = token_ids(batch["captions"])
-                    if te_params:
-                        states = encode(te_fwd, ids)
+                    if frozen_text is not None:
+                        states = frozen_text(batch["captions"])
+                    elif te_params:
+                        states = encode(te_fwd, token_ids(batch["captions"]))
                     else:
                         with torch.no_grad():
-                            states = encode(te_fwd, ids)
-                    pred = unet_fwd(noisy, timesteps, states).sample
+                            states = encode(te_fwd, token_ids(batch["captions"]))
+                    pred = unet_step(noisy, timesteps, states).sample
                     target = training_target(base.noise_scheduler, latents, noise, timesteps)
                     loss = weighted_loss(pred, target, batch["loss_weight"])
                     accelerator.backward(loss)
@@ -307,25 +338,31 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                 loss_count += 1
                 interval_images += latents.shape[0]
                 if not accelerator.sync_gradients:
+                    fetch_start = time.perf_counter()
                     continue
                 step += 1
                 interval_steps += 1
+                if first_step_at is None:
+                    first_step_at = time.perf_counter()
                 last = step == total_steps
                 if step % tc.log_every_n_steps == 0 or last:
                     mean_loss = float(loss_sum.item()) / loss_count  # the only host-device sync of the loop
                     if not math.isfinite(mean_loss):
                         raise NonFiniteLossError(f"the training loss became {mean_loss} by step {step}; the "
                                                  "learning rate is probably too high")
-                    elapsed = time.perf_counter() - interval_start
+                    elapsed = max(time.perf_counter() - interval_start - off_loop, 1e-9)
                     recorder.metrics(step, {"loss": mean_loss, "epoch": epoch, **lr_values(),
                                             "throughput/steps_per_s": interval_steps / elapsed,
-                                            "throughput/samples_per_s": interval_images / elapsed})
+                                            "throughput/samples_per_s": interval_images / elapsed,
+                                            "throughput/data_wait_share": min(data_wait / elapsed, 1.0)})
                     recorder.progress(step, total_steps, mean_loss)
                     loss_sum.zero_()
                     loss_count = 0
                     interval_images = 0
                     interval_steps = 0
+                    data_wait = off_loop = 0.0
                     interval_start = time.perf_counter()
+                off_start = time.perf_counter()
                 if (cfg.validation.every_n_steps and step % cfg.validation.every_n_steps == 0) or last:
                     val = evaluate()
                     history.append((step, val))
@@ -335,16 +372,22 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                 if last:
                     checkpoint(Position(step, epoch, batch_index + 1))
                     break
+                off_loop += time.perf_counter() - off_start
+                fetch_start = time.perf_counter()
             else:  # the epoch ran to its end
                 every = cfg.output.save_every_n_epochs
                 if every and epoch % every == 0 and step < total_steps:
+                    off_start = time.perf_counter()
                     recorder.snapshot(epoch, step, lora_tensors(save_dtype), plan)
                     checkpoint(Position(step, epoch + 1, 0))
+                    off_loop += time.perf_counter() - off_start
+                    fetch_start = time.perf_counter()
             epoch += 1
             start_batch = 0
 
         return TrainResult(steps=step, val_loss_start=val_start, val_loss=history[-1][1] if history else float("nan"),
-                           plan=plan, val_history=history, lora_tensors=lora_tensors(save_dtype), states=saved_states)
+                           plan=plan, val_history=history, lora_tensors=lora_tensors(save_dtype), states=saved_states,
+                           feature_cache=describe(stores), first_step_at=first_step_at)
     finally:
         _restore(network, (unet, vae, text_encoder))
 

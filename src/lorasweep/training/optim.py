@@ -29,9 +29,9 @@ def build_optimizer(cfg: OptimizerConfig, unet_params: list[torch.nn.Parameter],
     device = groups[0]["params"][0].device.type
     cfg.check_with(device=device, train_unet=bool(unet_params), train_text_encoder=bool(text_encoder_params))
     kwargs = cfg.constructor_kwargs()
-    if cfg.name == "adamw" and "fused" not in kwargs:
-        # foreach is deterministic on CPU and fast on CUDA; fused needs every param on CUDA.
-        kwargs.setdefault("foreach", True)
+    if cfg.name == "adamw" and "fused" not in kwargs and "foreach" not in kwargs:
+        # fused (one kernel for all tensors) is fastest but needs every param on CUDA; foreach elsewhere.
+        kwargs["fused" if device == "cuda" else "foreach"] = True
     cls = cfg.optimizer_class()
     try:
         return cls(groups, lr=cfg.lr, **kwargs)
