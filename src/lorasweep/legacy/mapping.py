@@ -434,6 +434,7 @@ TABLE: tuple[LegacyKey, ...] = (
          when_true("training.attention", "sdpa", "the attention backend stays training.attention"),
          export=lambda cfg: False, reason="PyTorch's sdpa includes the memory-efficient attention kernel"),
     _row("cache_latents", "cache_latents", "data.cache_latents"),
+    _row(None, "cache_latents_to_disk", "data.cache_to_disk"),
     _row("num_workers", "max_data_loader_n_workers", "data.num_workers"),
     _row("persistent_workers", "persistent_data_loader_workers", "data.persistent_workers"),
     # resolution, buckets, augmentation
@@ -463,7 +464,6 @@ TABLE: tuple[LegacyKey, ...] = (
     _unsupported("lowram", "lowram", "lorasweep has no low-RAM loading mode"),
     _unsupported("log_prefix", "log_prefix", "runs are named by output.run_name and tracking.run_name"),
     _unsupported("face_crop_aug_range", "face_crop_aug_range", "face-crop augmentation is not supported"),
-    _unsupported(None, "cache_latents_to_disk", "lorasweep's latent cache is always on disk (data.cache_latents)"),
     _unsupported(None, "dataset_config", "lorasweep reads a kohya image folder (data.train_dir), not a dataset "
                                          "config"),
     _unsupported(None, "sample_prompts", "samples come from sampling.prompts and sampling.seeds"),
