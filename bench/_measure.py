@@ -80,6 +80,7 @@ class StepClock:
             "cpu_s_per_step": (c1 - c0) / steps,
             "peak_rss_bytes": peak_rss_bytes(),
             "losses": [self.losses[s] for s in sorted(self.losses)],
+            "step_s": [self.marks[s][0] - self.marks[s - 1][0] for s in sorted(self.marks) if s - 1 in self.marks],
         }
         if self.device.type == "cuda":
             window_peak = torch.cuda.max_memory_allocated(self.device)
