@@ -14,8 +14,10 @@ from typing import Any
 
 import optuna
 import pytest
+import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from safetensors.torch import load_file
 
 from lorasweep.sweeping.storage import SweepRecord, open_storage
 from tests.conftest import LORASWEEP, REPO, run_cli
@@ -169,7 +171,7 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> None:
 def test_resume_after_the_controller_is_killed(tiny_model: Path, tmp_path: Path) -> None:
     args = sweep_args(tmp_path, "resume", "hydra.sweeper.n_trials=5", "hydra.sweeper.max_parallel=2",
                       "hydra.sweeper.sampler=random", "hydra.sweeper.seed=0", "hydra.sweeper.retry_interrupted=true",
-                      "training.max_steps=120", "validation.every_n_steps=40",
+                      "training.max_steps=60", "validation.every_n_steps=20",
                       "optimizer.lr=tag(log,interval(1e-4,1e-2))")
     controller = subprocess.Popen([*LORASWEEP, *args], cwd=tmp_path, env={**os.environ, **ENV},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -267,14 +269,40 @@ def test_joblib_launcher_runs_parallel_slots(tiny_model: Path, tmp_path: Path) -
     assert a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete  # overlapped
 
 
-def test_grid_multirun_has_a_parent_run_and_a_report(tiny_model: Path, tmp_path: Path) -> None:
-    proc = run_cli(["train", "-m", "optimizer.lr=1e-3,1e-2", "scheduler=constant,cosine",
-                    f"output.root={tmp_path}", "sampling.enabled=false", "training.max_steps=10",
-                    "validation.every_n_steps=5"], cwd=tmp_path)
+def test_grid_multirun_reuses_one_worker_and_has_a_parent_run_and_a_report(tiny_model: Path,
+                                                                           tmp_path: Path) -> None:
+    """A grid (Hydra's sweeper) on the lorasweep_process launcher: one worker runs every job with the base model
+    loaded once, and a reused worker trains bit for bit what a fresh process trains — although the jobs before
+    left every trace a run can leave on a cached model (bf16 autocast patches forward, gradient checkpointing,
+    LoRA on UNet and text encoder in train mode). One MLflow parent run, a report."""
+    common = ["sampling.enabled=false", "training.max_steps=10", "validation.every_n_steps=5",
+              "training.gradient_checkpointing=true", "trial.num_threads=1"]
+    proc = run_cli(["train", "-m", "hydra/launcher=lorasweep_process", "precision=bf16,fp32",
+                    "optimizer.lr=1e-3,1e-2", f"output.root={tmp_path}", *common], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    fresh = run_cli(["train", "precision=fp32", "optimizer.lr=1e-2", "tracking=off",
+                     f"output.root={tmp_path / 'fresh'}", *common], cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+
     (sweep_dir,) = (tmp_path / "sweeps").iterdir()
+    records = [json.loads((sweep_dir / str(j) / "run.json").read_text()) for j in range(4)]
+    assert len({r["model_load"]["pid"] for r in records}) == 1
+    assert [r["model_load"]["cached"] for r in records] == [False, True, True, True]
+    assert all(r["feature_cache"]["latents"]["built"] == 0 for r in records[1:])  # encoded by job 0 at most
+    (fresh_run,) = (tmp_path / "fresh" / "runs").iterdir()
+    reference = load_file(fresh_run / "lora" / "lora.safetensors")
+    reused = load_file(sweep_dir / "3" / "lora" / "lora.safetensors")  # fp32, lr 1e-2: the fresh run's config
+    assert reused.keys() == reference.keys() and any(k.startswith("lora_te_") for k in reused)
+    assert all(torch.equal(reused[k], reference[k]) for k in reference)
+    assert records[3]["val_loss"] == json.loads((fresh_run / "run.json").read_text())["val_loss"]
+    assert 0 < records[3]["time_to_first_step_s"] < records[3]["duration_s"]
+    assert records[3]["peak_rss_mib"] >= records[0]["peak_rss_mib"] > 100  # one process: its peak so far
+    shares = [json.loads(line).get("throughput/data_wait_share")
+              for line in (sweep_dir / "3" / "metrics.jsonl").read_text().splitlines()]
+    assert [x for x in shares if x is not None] and all(0 <= x <= 1 for x in shares if x is not None)
+
     record = SweepRecord.read(sweep_dir)
-    assert record.params == ["optimizer.lr", "scheduler"] and record.storage == ""
+    assert record.params == ["precision", "optimizer.lr"] and record.storage == ""
     client = MlflowClient(tracking_uri=record.mlflow["tracking_uri"])
     parent = client.get_run(record.mlflow["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["lorasweep.sweeper"] == "grid"
@@ -282,7 +310,7 @@ def test_grid_multirun_has_a_parent_run_and_a_report(tiny_model: Path, tmp_path:
     assert sorted(r.data.tags["hydra.job.num"] for r in runs) == ["0", "1", "2", "3"]
     best = min(runs, key=lambda r: r.data.metrics["val_loss"])
     assert parent.data.metrics["best_val_loss"] == pytest.approx(best.data.metrics["val_loss"])
-    assert parent.data.tags["best.scheduler"] == best.data.params["scheduler.name"]
+    assert parent.data.tags["best.optimizer.lr"] == best.data.params["optimizer.lr"]
     assert (sweep_dir / "optimization_results.yaml").is_file()
     assert (sweep_dir / "report" / "leaderboard.csv").read_text().count("\n") == 5  # header + 4 jobs
 

@@ -88,13 +88,12 @@ def test_lora_changes_samples(run_dir: Path) -> None:
 
 def test_learning_rate_matters(record: dict, tmp_path: Path) -> None:
     """A too small lr barely moves the loss, a too large one wrecks it; the default beats both."""
-    results = {}
-    for lr in ("1e-5", "1e-1"):
-        proc = run_cli(["train", *FAST, f"optimizer.lr={lr}", "sampling.enabled=false", "tracking.enabled=false",
-                        f"output.root={tmp_path / lr}"], cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        run = next((tmp_path / lr / "runs").iterdir())
-        results[lr] = json.loads((run / "run.json").read_text())["val_loss"]
+    proc = run_cli(["train", "-m", *FAST, "optimizer.lr=1e-5,1e-1", "sampling.enabled=false",
+                    "tracking.enabled=false", f"output.root={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (sweep_dir,) = (tmp_path / "sweeps").iterdir()
+    results = {lr: json.loads((sweep_dir / str(job) / "run.json").read_text())["val_loss"]
+               for job, lr in enumerate(("1e-5", "1e-1"))}
     assert record["val_loss"] < results["1e-5"] < record["val_loss_start"]
     assert results["1e-1"] > record["val_loss_start"]
 
