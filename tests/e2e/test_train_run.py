@@ -198,9 +198,13 @@ def test_reproduce_is_bitwise_identical(trained_run: dict[str, object], run_dir:
     assert run.info.run_id != record["mlflow"]["run_id"]
     assert (repro[0] / ".hydra" / "config.yaml").is_file()
 
-    by_id = run_cli(["reproduce", record["mlflow"]["run_id"], "--check"], cwd=work)
-    assert by_id.returncode == 0, by_id.stdout + by_id.stderr
-    assert "bitwise identical" in by_id.stdout
+    # By MLflow run id: the same re-run, from the config and LoRA downloaded from the run's artifacts.
+    from lorasweep.reproduce import _from_mlflow
+
+    by_id = _from_mlflow(record["mlflow"]["run_id"], record["mlflow"]["tracking_uri"], work / "by-id")
+    assert by_id.config_path.read_bytes() == (run_dir / "config.yaml").read_bytes()
+    assert by_id.lora_path is not None and by_id.lora_path.read_bytes() == (run_dir / record["lora"]).read_bytes()
+    assert by_id.val_loss == pytest.approx(record["val_loss"]) and by_id.run_dir == run_dir.resolve()
 
 
 def test_reproduce_unknown_source(tmp_path: Path) -> None:
