@@ -250,8 +250,8 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
                                                    for kind, c in result.feature_cache.items()))
         folder.update_record(feature_cache=result.feature_cache, peak_rss_mib=peak_rss_mib(),
                              time_to_first_step_s=None if result.first_step_at is None
-                             else round(result.first_step_at - job_start, 3))
-        folder.update_record(objective=result.val_loss, val_loss=result.val_loss,
+                             else round(result.first_step_at - job_start, 3),
+                             objective=result.val_loss, val_loss=result.val_loss,
                              val_loss_start=result.val_loss_start, steps=result.steps, train_time_s=train_time,
                              objectives=job_result.objectives, val_history=result.val_history,
                              lora=str(lora_path.relative_to(run_dir)))

@@ -21,15 +21,14 @@ from lorasweep.models.loading import BaseModel
 DTYPE = "float32"
 
 
-def vae_identity(base: BaseModel) -> str:
-    """The VAE's identity for cache keys: the base (id + weights fingerprint) or the replacement VAE's hash."""
-    if base.vae_hash:
-        return f"vae@{base.vae_hash}"
-    return f"{base.model_id}@{base.model_hash}"
-
-
 def text_encoder_identity(base: BaseModel) -> str:
+    """The base's identity for cache keys (id + weights fingerprint); the text encoder is always the base's."""
     return f"{base.model_id}@{base.model_hash}"
+
+
+def vae_identity(base: BaseModel) -> str:
+    """The VAE's identity for cache keys: the replacement VAE's hash (``model.vae``), else the base's."""
+    return f"vae@{base.vae_hash}" if base.vae_hash else text_encoder_identity(base)
 
 
 def _moments(vae: torch.nn.Module, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:

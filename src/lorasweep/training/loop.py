@@ -90,9 +90,10 @@ def _encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, device: torch.dev
     return z * vae.config.scaling_factor
 
 
-def _encode_groups(vae: torch.nn.Module, pixels: list[torch.Tensor], device: torch.device, batch: int,
-                   generator: torch.Generator | None) -> list[torch.Tensor]:
-    """Encode images of possibly different bucket shapes, batching those of one shape, in input order."""
+def _encode_means(vae: torch.nn.Module, pixels: list[torch.Tensor], device: torch.device,
+                  batch: int) -> list[torch.Tensor]:
+    """Posterior-mean latents of images of possibly different bucket shapes, batching those of one shape, in
+    input order (the validation images: cached training latents go through :mod:`training.features`)."""
     out: list[torch.Tensor | None] = [None] * len(pixels)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, px in enumerate(pixels):
@@ -100,7 +101,7 @@ def _encode_groups(vae: torch.nn.Module, pixels: list[torch.Tensor], device: tor
     for members in by_shape.values():
         for start in range(0, len(members), batch):
             chunk = members[start:start + batch]
-            z = _encode_pixels(vae, torch.stack([pixels[i] for i in chunk]), device, generator)
+            z = _encode_pixels(vae, torch.stack([pixels[i] for i in chunk]), device, None)
             for i, latent in zip(chunk, z, strict=True):
                 out[i] = latent
     return [z for z in out if z is not None]
@@ -224,7 +225,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
             # Static captions under a frozen text encoder: each caption's states are computed once.
             frozen_text = FrozenTextStates(base, encode, token_ids, clip_skip=cfg.model.clip_skip,
                                            max_token_length=max_tokens, device=device, store=stores["text"])
-        val_latents = _encode_groups(vae, [px for _, px in data.val_pixels(val_items)], device, 16, None)
+        val_latents = _encode_means(vae, [px for _, px in data.val_pixels(val_items)], device, 16)
         validation = ValidationLoss(val_latents, tokenize(base.tokenizer, [it.caption for it in val_items],
                                                           max_token_length=max_tokens),
                                     list(cfg.validation.timesteps), cfg.validation.repeats, cfg.validation.seed,
