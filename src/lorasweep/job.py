@@ -248,7 +248,8 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
         if result.feature_cache:
             log.info("feature cache: %s", ", ".join(f"{kind} {c['hits']} hits, {c['built']} built"
                                                    for kind, c in result.feature_cache.items()))
-        folder.update_record(feature_cache=result.feature_cache, peak_rss_mib=peak_rss_mib(),
+        folder.update_record(feature_cache=result.feature_cache, conv_kernels=result.conv_kernels,
+                             peak_rss_mib=peak_rss_mib(),
                              time_to_first_step_s=None if result.first_step_at is None
                              else round(result.first_step_at - job_start, 3),
                              objective=result.val_loss, val_loss=result.val_loss,

@@ -36,6 +36,7 @@ from tests.conftest import user_error_line
     (["data.reg_dir=/nonexistent/reg"], ("data.reg_dir", "does not exist")),
     (["model.base=/nonexistent/model.ckpt"], ("model.base",)),
     (["training.prior_loss_weight=-1"], ("training.prior_loss_weight", "out of range")),
+    (["training.cpu_conv_kernels=fast"], ("training.cpu_conv_kernels", "native")),
 ])
 def test_invalid_parameter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                            tiny_model: Path, overrides: list[str], fragments: tuple[str, ...]) -> None:

@@ -73,6 +73,8 @@ class TrainResult:
     """``time.perf_counter()`` when the first optimizer step of this call ended (time-to-first-step)."""
     feature_cache: dict[str, Any] = field(default_factory=dict)
     """Hits and entries built per feature kind (``{"latents": {"hits": 8, "built": 0}}``)."""
+    conv_kernels: dict[str, str] = field(default_factory=dict)
+    """CPU convolution kernels the UNet and VAE ran on (:mod:`training.kernels`)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -168,6 +170,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         latent_moments,
         sample_latents,
     )
+    from lorasweep.training.kernels import ConvKernels
 
     tc = cfg.training
     device = pick_device(tc.device)
@@ -176,6 +179,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                               cpu=device.type == "cpu")
     set_seed(tc.seed)  # python, numpy and torch global RNGs: LoRA init and dropout draw from them
     device = accelerator.device
+    kernels = ConvKernels(tc.cpu_conv_kernels, device, cfg.precision.mixed)
 
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
     for module in (unet, vae, text_encoder):
@@ -218,14 +222,16 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         cached: dict[str, torch.Tensor] = {}
         if cfg.data.cache_latents:
             entries = data.cache_entries()
-            moments = latent_moments(data, entries, base, device, stores["latents"])
+            with kernels.vae():
+                moments = latent_moments(data, entries, base, device, stores["latents"])
             cached = {e.key: z for e, z in zip(entries, sample_latents(moments, vae, latent_gen), strict=True)}
         frozen_text = None
         if not te_params and not cfg.data.shuffle_caption and not cfg.data.caption_tag_dropout_rate:
             # Static captions under a frozen text encoder: each caption's states are computed once.
             frozen_text = FrozenTextStates(base, encode, token_ids, clip_skip=cfg.model.clip_skip,
                                            max_token_length=max_tokens, device=device, store=stores["text"])
-        val_latents = _encode_means(vae, [px for _, px in data.val_pixels(val_items)], device, 16)
+        with kernels.vae():
+            val_latents = _encode_means(vae, [px for _, px in data.val_pixels(val_items)], device, 16)
         validation = ValidationLoss(val_latents, tokenize(base.tokenizer, [it.caption for it in val_items],
                                                           max_token_length=max_tokens),
                                     list(cfg.validation.timesteps), cfg.validation.repeats, cfg.validation.seed,
@@ -259,10 +265,13 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         val_states = None if frozen_text is None else frozen_text([it.caption for it in val_items])
 
         def evaluate() -> float:
-            return validation(unet_fwd, te_fwd, encode, accelerator.autocast, states=val_states)
+            with kernels.unet():
+                return validation(unet_fwd, te_fwd, encode, accelerator.autocast, states=val_states)
 
         def sample(step: int) -> None:
-            if cfg.sampling.enabled:
+            if not cfg.sampling.enabled:
+                return
+            with kernels.unet():  # denoising steps dominate; the one VAE decode follows along
                 recorder.samples(step, render_samples(
                     cfg.sampling, unet=accelerator.unwrap_model(unet_fwd), vae=vae,
                     text_encoder=accelerator.unwrap_model(te_fwd), tokenizer=base.tokenizer,
@@ -311,11 +320,12 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         while step < total_steps:
             for batch_index, batch in enumerate(data.loader(epoch, start_batch=start_batch), start=start_batch):
                 data_wait += time.perf_counter() - fetch_start
-                with accelerator.accumulate(*trained):
+                with accelerator.accumulate(*trained), kernels.unet():
                     if batch["cache_keys"] is not None:
                         latents = torch.stack([cached[k] for k in batch["cache_keys"]])
                     else:
-                        latents = _encode_pixels(vae, batch["pixels"], device, latent_gen)
+                        with kernels.vae():
+                            latents = _encode_pixels(vae, batch["pixels"], device, latent_gen)
                     noise = torch.randn(latents.shape, generator=noise_gen, device=device)
                     timesteps = torch.randint(0, num_t, (latents.shape[0],), generator=noise_gen, device=device)
                     noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -388,7 +398,8 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
 
         return TrainResult(steps=step, val_loss_start=val_start, val_loss=history[-1][1] if history else float("nan"),
                            plan=plan, val_history=history, lora_tensors=lora_tensors(save_dtype), states=saved_states,
-                           feature_cache=describe(stores), first_step_at=first_step_at)
+                           feature_cache=describe(stores), first_step_at=first_step_at,
+                           conv_kernels=kernels.describe())
     finally:
         _restore(network, (unet, vae, text_encoder))
 
