@@ -289,8 +289,8 @@ def test_grid_multirun_reuses_one_worker_and_has_a_parent_run_and_a_report(tiny_
     assert len({r["model_load"]["pid"] for r in records}) == 1
     assert [r["model_load"]["cached"] for r in records] == [False, True, True, True]
     assert all(r["feature_cache"]["latents"]["built"] == 0 for r in records[1:])  # encoded by job 0 at most
-    # bf16 jobs leave the UNet on oneDNN, fp32 ones switch it to native kernels; job 3 still equals a fresh run
-    assert [r["conv_kernels"]["unet"] for r in records] == ["default", "default", "native", "native"]
+    # bf16 jobs keep PyTorch's kernels, fp32 ones pick them by size; job 3 still equals a fresh run
+    assert [r["conv_kernels"]["mode"] for r in records] == ["default", "default", "size", "size"]
     (fresh_run,) = (tmp_path / "fresh" / "runs").iterdir()
     reference = load_file(fresh_run / "lora" / "lora.safetensors")
     reused = load_file(sweep_dir / "3" / "lora" / "lora.safetensors")  # fp32, lr 1e-2: the fresh run's config

@@ -1,5 +1,5 @@
-"""training.cpu_conv_kernels: which CPU convolution kernels the UNet and the VAE run on, and that the
-process-wide switch is put back (a reused worker must not carry one run's choice into the next)."""
+"""training.cpu_conv_kernels: which CPU convolution kernels run, decided per call by size under ``auto``,
+and that the process-wide switches are put back (a reused worker must not carry one run's choice on)."""
 
 from __future__ import annotations
 
@@ -7,73 +7,76 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lorasweep.training.kernels import ConvKernels
+from lorasweep.training.kernels import NATIVE_MAX_POSITIONS, conv_kernels, kernel_mode
 
 CPU = torch.device("cpu")
+NATIVE = "aten::_slow_conv2d_forward"
+ONEDNN = "aten::mkldnn_convolution"
 
 
-def _conv_ops(fn: object) -> set[str]:
-    """The ATen convolution kernels that ran inside ``fn`` (forward and backward)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()  # type: ignore[operator]
-    return {e.key for e in prof.key_averages() if "conv" in e.key and e.key.startswith("aten::")}
-
-
-def _conv_pass(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def _kernels_of(conv: torch.nn.Module, x: torch.Tensor) -> set[str]:
+    """The ATen convolution kernels of one forward + backward (input gradient of a frozen conv)."""
     x = x.clone().requires_grad_(True)
-    conv(x).square().sum().backward()
-    assert x.grad is not None
-    return x.grad
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        conv(x).square().sum().backward()
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::") and "conv" in e.key}
 
 
 @pytest.mark.parametrize(("setting", "mixed", "device", "expected"), [
-    ("auto", "no", CPU, {"unet": "native", "vae": "onednn"}),
-    ("auto", "bf16", CPU, {"unet": "default", "vae": "onednn"}),
-    ("onednn", "no", CPU, {"unet": "onednn", "vae": "onednn"}),
-    ("native", "bf16", CPU, {"unet": "native", "vae": "native"}),
-    ("auto", "no", torch.device("cuda"), {"unet": "default", "vae": "default"}),
-    ("native", "fp16", torch.device("cuda"), {"unet": "default", "vae": "default"}),
+    ("auto", "no", CPU, "size"),
+    ("auto", "bf16", CPU, "default"),
+    ("onednn", "no", CPU, "onednn"),
+    ("native", "bf16", CPU, "native"),
+    ("auto", "no", torch.device("cuda"), "default"),
+    ("native", "fp16", torch.device("cuda"), "default"),
 ])
-def test_choice_per_model(setting: str, mixed: str, device: torch.device, expected: dict[str, str]) -> None:
-    assert ConvKernels(setting, device, mixed).describe() == expected
+def test_mode_per_run(setting: str, mixed: str, device: torch.device, expected: str) -> None:
+    assert kernel_mode(setting, device, mixed) == expected
 
 
-def test_contexts_switch_the_kernels_and_put_the_flag_back() -> None:
+def test_auto_picks_the_kernel_per_call_by_size_and_puts_everything_back() -> None:
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(64, 64, 3, padding=1).requires_grad_(False)  # frozen, as the base is
-    x = torch.randn(1, 64, 32, 32)  # PyTorch's heuristic leaves very small maps off oneDNN anyway
-    kernels = ConvKernels("auto", CPU, "no")
-    before = torch.backends.mkldnn.enabled
-    assert before  # PyTorch's default on a CPU build with oneDNN
+    small = torch.randn(4, 64, 8, 8)  # 256 positions
+    large = torch.randn(1, 64, 32, 32)  # 1024 positions
+    assert small.shape[0] * small.shape[2] * small.shape[3] <= NATIVE_MAX_POSITIONS
+    forward, flag = torch.nn.Conv2d._conv_forward, torch.backends.mkldnn.enabled
+    assert ONEDNN in _kernels_of(conv, small)  # PyTorch's own choice for both sizes
 
-    with kernels.unet():
-        assert torch.backends.mkldnn.enabled is False
-        native = _conv_ops(lambda: _conv_pass(conv, x))
-        with kernels.vae():
-            assert torch.backends.mkldnn.enabled is True
-            onednn = _conv_ops(lambda: _conv_pass(conv, x))
-        assert torch.backends.mkldnn.enabled is False
-    assert torch.backends.mkldnn.enabled is before
-    assert "aten::_slow_conv2d_forward" in native and "aten::mkldnn_convolution" not in native
-    assert "aten::mkldnn_convolution" in onednn and "aten::_slow_conv2d_forward" not in onednn
+    with conv_kernels("auto", CPU, "no") as applied:
+        assert applied == {"mode": "size", "native_max_positions": NATIVE_MAX_POSITIONS}
+        on_small, on_large = _kernels_of(conv, small), _kernels_of(conv, large)
+    assert NATIVE in on_small and ONEDNN not in on_small
+    assert "aten::_slow_conv2d_backward" in on_small  # the backward follows the forward's kernel
+    assert ONEDNN in on_large and NATIVE not in on_large
+    assert torch.nn.Conv2d._conv_forward is forward and torch.backends.mkldnn.enabled is flag
 
-    with pytest.raises(RuntimeError), kernels.unet():
-        raise RuntimeError("a failing run")
-    assert torch.backends.mkldnn.enabled is before
+    with conv_kernels("native", CPU, "no"):
+        assert torch.backends.mkldnn.enabled is False
+        assert ONEDNN not in _kernels_of(conv, large)
+    with pytest.raises(RuntimeError), conv_kernels("auto", CPU, "no"):
+        raise RuntimeError("a run that fails")
+    assert torch.nn.Conv2d._conv_forward is forward and torch.backends.mkldnn.enabled is flag
 
 
 def test_native_and_onednn_agree_to_float_rounding() -> None:
     torch.manual_seed(1)
-    conv = torch.nn.Conv2d(32, 48, 3, padding=1).requires_grad_(False)
-    x = torch.randn(2, 32, 16, 16)
-    with ConvKernels("native", CPU, "no").unet():
-        native = (conv(x), _conv_pass(conv, x))
-    with ConvKernels("onednn", CPU, "no").unet():
-        onednn = (conv(x), _conv_pass(conv, x))
-    for a, b in zip(native, onednn, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    conv = torch.nn.Conv2d(32, 48, 3, padding=1, stride=2)
+    x = torch.randn(2, 32, 8, 8)
+
+    def run(setting: str) -> list[torch.Tensor]:
+        conv.zero_grad()
+        inputs = x.clone().requires_grad_(True)
+        with conv_kernels(setting, CPU, "no"):
+            out = conv(inputs)
+            out.square().sum().backward()
+        assert inputs.grad is not None and conv.weight.grad is not None
+        return [out.detach(), inputs.grad, conv.weight.grad.clone()]
+
+    for a, b in zip(run("auto"), run("onednn"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_setting_is_refused() -> None:
     with pytest.raises(ValueError, match="cpu_conv_kernels"):
-        ConvKernels("fast", CPU, "no")
+        kernel_mode("fast", CPU, "no")

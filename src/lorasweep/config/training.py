@@ -51,12 +51,12 @@ class TrainingConfig:
     layout (no kohya equivalent)."""
 
     cpu_conv_kernels: str = "auto"
-    """CPU convolution kernels: ``onednn`` (PyTorch's default), ``native`` (im2col + BLAS) or ``auto`` =
-    native for the UNet's float32 passes and oneDNN for the VAE. oneDNN re-converts every frozen weight on
-    each call, which dominates at the UNet's small latent sizes: SD-1.5 at 256 px on a 2-core AVX2 CPU
-    measured 5.0 s per UNet forward + backward native vs 6.8 s oneDNN, while the VAE encoder is faster on
-    oneDNN (2.8 vs 5.1 s). Ignored on CUDA; ``auto`` leaves bf16/fp16 autocast runs on oneDNN. Results
-    differ only by float rounding (no kohya equivalent)."""
+    """CPU convolution kernels. ``auto``: per call, PyTorch's native kernel (im2col + BLAS) where batch ×
+    pixels is small (≤ 256) and oneDNN elsewhere — oneDNN re-converts every frozen weight on each call,
+    which dominates on small maps (SD-1.5 UNet at 256 px, batch 1, 2-core AVX2 CPU: forward + backward
+    ≈4.0 s vs 4.8–5.5 s with oneDNN throughout). ``onednn``: PyTorch's default. ``native``: oneDNN off.
+    ``auto`` applies to float32 CPU runs only; CUDA is never touched. Results differ only by float rounding
+    (no kohya equivalent)."""
 
     compile: bool = False
     """``torch.compile`` the UNet forward (diffusers' ``--enable_compile``-style). The first steps pay the

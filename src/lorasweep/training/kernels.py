@@ -1,70 +1,78 @@
-"""Which convolution kernels a CPU run uses for the UNet and for the VAE (``training.cpu_conv_kernels``).
+"""Which kernels a CPU run's convolutions use (``training.cpu_conv_kernels``).
 
-PyTorch runs float32 CPU convolutions through oneDNN by default. oneDNN converts each weight to its blocked
-layout on every call (eager mode keeps no converted copy), and with a frozen base every call converts again.
-Where feature maps are small — the UNet's 32/16/8/4-pixel latents of a 256 px image — that conversion costs
-more than the convolution: measured on a 2-core AVX2 EPYC, the SD-1.5 UNet's convolutions took 3.6 s per
-forward + backward with oneDNN and 2.3 s with PyTorch's native kernels (im2col + MKL GEMM), a whole
-forward + backward 6.8 s vs 5.0 s. The VAE encoder's 256…32-pixel maps favour oneDNN (2.8 s vs 5.1 s). So
-``auto`` picks native kernels for the UNet's float32 passes and leaves the VAE on oneDNN.
+PyTorch runs float32 CPU convolutions through oneDNN. oneDNN converts each weight to its blocked layout on
+every call (eager mode keeps no converted copy, and a frozen base is converted again every step), a cost
+that grows with the weight while the useful work grows with weight × batch × pixels. Where batch × pixels is
+small — the UNet's 16/8/4-pixel latent levels at 256 px, the tiny model's 8×8 latents at batch 4 — the
+conversion costs more than the convolution, and PyTorch's native kernel (im2col + MKL GEMM on the weight
+as it is) wins; on large maps oneDNN wins. Measured on a 2-core AVX2 EPYC, SD-1.5 UNet at 256 px, batch 1,
+forward + backward of the convolutions: 8×8 maps 1.41 s oneDNN vs 0.53 s native, 4×4 0.70 vs 0.35,
+16×16 0.65 vs 0.56, 32×32 0.51 vs 0.65; the VAE encoder (256…32-pixel maps) 2.8 s oneDNN vs 5.1 s native;
+the tiny UNet at batch 32 (its pre-training) is faster on oneDNN.
 
-The switch is PyTorch's process-wide ``torch.backends.mkldnn.enabled``, read when a convolution (forward or
-backward) dispatches; the contexts below set it and put the previous value back, so nothing outlives a run
-of a reused worker. CUDA runs are untouched (cuDNN), and so are bf16/fp16 autocast runs under ``auto``,
-where native CPU kernels have no fast reduced-precision path.
+So ``auto`` decides per call: a convolution whose input has at most :data:`NATIVE_MAX_POSITIONS` batch ×
+pixel positions runs PyTorch's native kernel (``thnn_conv2d``, whose backward is native too), larger ones
+go through ``torch.nn.Conv2d`` as usual. It applies to float32 CPU runs only: CUDA uses cuDNN, and under
+bf16/fp16 autocast the native kernel would skip the cast. ``native`` turns oneDNN off for the whole run
+(PyTorch's ``torch.backends.mkldnn.enabled``), ``onednn`` leaves PyTorch's defaults.
+
+Both switches are process-wide (``Conv2d._conv_forward`` and the oneDNN flag), so :func:`conv_kernels` sets
+them for one run and puts them back however the run ends: a reused worker's next run starts clean.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
 from lorasweep.config.training import CPU_CONV_KERNELS
 
+NATIVE_MAX_POSITIONS = 256
+"""Batch × height × width of a convolution's input up to which ``auto`` runs the native kernel (measured:
+native faster at 256 and below on SD-1.5 layers, oneDNN at 1024 and above, and on the tiny UNet at batch
+32, whose levels hold 2048 and 512 positions)."""
+
+_conv_forward = torch.nn.Conv2d._conv_forward
+
+
+def _size_aware_conv_forward(self: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None) -> torch.Tensor:
+    if (input.dim() == 4 and input.device.type == "cpu" and input.dtype == torch.float32
+            and input.shape[0] * input.shape[2] * input.shape[3] <= NATIVE_MAX_POSITIONS
+            and self.groups == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+            and all(d == 1 for d in self.dilation)):
+        return torch._C._nn.thnn_conv2d(input, weight, self.kernel_size, bias, self.stride, self.padding)
+    return _conv_forward(self, input, weight, bias)
+
+
+def kernel_mode(setting: str, device: torch.device, mixed: str) -> str:
+    """What ``setting`` means for a run: ``size`` (per call), ``native``, ``onednn`` or ``default`` (not
+    touched: CUDA, or ``auto`` under autocast)."""
+    if setting not in CPU_CONV_KERNELS:
+        raise ValueError(f"cpu_conv_kernels must be one of {CPU_CONV_KERNELS}, not {setting!r}")
+    if device.type != "cpu" or (setting == "auto" and mixed != "no"):
+        return "default"
+    return {"auto": "size"}.get(setting, setting)
+
 
 @contextmanager
-def _onednn(enabled: bool | None) -> Iterator[None]:
-    """oneDNN convolutions on or off inside the block; ``None`` leaves the flag as it is."""
-    if enabled is None:
-        yield
-        return
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
+def conv_kernels(setting: str, device: torch.device, mixed: str) -> Iterator[dict[str, Any]]:
+    """Apply ``setting`` inside the block; yields what was applied (recorded in run.json)."""
+    mode = kernel_mode(setting, device, mixed)
+    applied: dict[str, Any] = {"mode": mode}
+    if mode == "size":
+        applied["native_max_positions"] = NATIVE_MAX_POSITIONS
+    previous_flag = torch.backends.mkldnn.enabled
+    previous_forward = torch.nn.Conv2d._conv_forward
     try:
-        yield
+        if mode == "size":
+            torch.nn.Conv2d._conv_forward = _size_aware_conv_forward  # type: ignore[method-assign]
+        elif mode == "native":
+            torch.backends.mkldnn.enabled = False
+        yield applied
     finally:
-        torch.backends.mkldnn.enabled = previous
-
-
-class ConvKernels:
-    """The kernel choice of one run: ``with kernels.unet():`` around UNet passes (forward and backward),
-    ``with kernels.vae():`` around VAE encoding/decoding."""
-
-    def __init__(self, setting: str, device: torch.device, mixed: str) -> None:
-        if setting not in CPU_CONV_KERNELS:
-            raise ValueError(f"cpu_conv_kernels must be one of {CPU_CONV_KERNELS}, not {setting!r}")
-        self.unet_onednn: bool | None = None
-        self.vae_onednn: bool | None = None
-        if device.type != "cpu":
-            return
-        if setting == "auto":
-            self.vae_onednn = True
-            self.unet_onednn = None if mixed != "no" else False
-        else:
-            self.unet_onednn = self.vae_onednn = setting == "onednn"
-
-    def unet(self) -> AbstractContextManager[None]:
-        return _onednn(self.unet_onednn)
-
-    def vae(self) -> AbstractContextManager[None]:
-        return _onednn(self.vae_onednn)
-
-    def describe(self) -> dict[str, str]:
-        """What the run used, for run.json (``default`` = PyTorch's own choice, i.e. not set)."""
-        def name(flag: bool | None) -> str:
-            return "default" if flag is None else ("onednn" if flag else "native")
-
-        return {"unet": name(self.unet_onednn), "vae": name(self.vae_onednn)}
-
+        torch.nn.Conv2d._conv_forward = previous_forward  # type: ignore[method-assign]
+        torch.backends.mkldnn.enabled = previous_flag

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,8 +74,8 @@ class TrainResult:
     """``time.perf_counter()`` when the first optimizer step of this call ended (time-to-first-step)."""
     feature_cache: dict[str, Any] = field(default_factory=dict)
     """Hits and entries built per feature kind (``{"latents": {"hits": 8, "built": 0}}``)."""
-    conv_kernels: dict[str, str] = field(default_factory=dict)
-    """CPU convolution kernels the UNet and VAE ran on (:mod:`training.kernels`)."""
+    conv_kernels: dict[str, Any] = field(default_factory=dict)
+    """The CPU convolution kernels the run used (:func:`training.kernels.conv_kernels`)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -170,7 +171,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         latent_moments,
         sample_latents,
     )
-    from lorasweep.training.kernels import ConvKernels
+    from lorasweep.training.kernels import conv_kernels
 
     tc = cfg.training
     device = pick_device(tc.device)
@@ -179,7 +180,6 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                               cpu=device.type == "cpu")
     set_seed(tc.seed)  # python, numpy and torch global RNGs: LoRA init and dropout draw from them
     device = accelerator.device
-    kernels = ConvKernels(tc.cpu_conv_kernels, device, cfg.precision.mixed)
 
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
     for module in (unet, vae, text_encoder):
@@ -187,7 +187,9 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
     _set_attention(unet, tc.attention)
     _set_gradient_checkpointing(unet, text_encoder, tc.gradient_checkpointing)
     network = inject_lora(unet, text_encoder, cfg.network)
+    scope = ExitStack()  # process-wide kernel switches, undone however the run ends
     try:
+        kernels = scope.enter_context(conv_kernels(tc.cpu_conv_kernels, device, cfg.precision.mixed))
         if resume is not None:
             network.load_kohya_state_dict(resume.lora, source=str(resume.folder))
         elif cfg.network.init_weights:
@@ -222,16 +224,14 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         cached: dict[str, torch.Tensor] = {}
         if cfg.data.cache_latents:
             entries = data.cache_entries()
-            with kernels.vae():
-                moments = latent_moments(data, entries, base, device, stores["latents"])
+            moments = latent_moments(data, entries, base, device, stores["latents"])
             cached = {e.key: z for e, z in zip(entries, sample_latents(moments, vae, latent_gen), strict=True)}
         frozen_text = None
         if not te_params and not cfg.data.shuffle_caption and not cfg.data.caption_tag_dropout_rate:
             # Static captions under a frozen text encoder: each caption's states are computed once.
             frozen_text = FrozenTextStates(base, encode, token_ids, clip_skip=cfg.model.clip_skip,
                                            max_token_length=max_tokens, device=device, store=stores["text"])
-        with kernels.vae():
-            val_latents = _encode_means(vae, [px for _, px in data.val_pixels(val_items)], device, 16)
+        val_latents = _encode_means(vae, [px for _, px in data.val_pixels(val_items)], device, 16)
         validation = ValidationLoss(val_latents, tokenize(base.tokenizer, [it.caption for it in val_items],
                                                           max_token_length=max_tokens),
                                     list(cfg.validation.timesteps), cfg.validation.repeats, cfg.validation.seed,
@@ -265,13 +265,10 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         val_states = None if frozen_text is None else frozen_text([it.caption for it in val_items])
 
         def evaluate() -> float:
-            with kernels.unet():
-                return validation(unet_fwd, te_fwd, encode, accelerator.autocast, states=val_states)
+            return validation(unet_fwd, te_fwd, encode, accelerator.autocast, states=val_states)
 
         def sample(step: int) -> None:
-            if not cfg.sampling.enabled:
-                return
-            with kernels.unet():  # denoising steps dominate; the one VAE decode follows along
+            if cfg.sampling.enabled:
                 recorder.samples(step, render_samples(
                     cfg.sampling, unet=accelerator.unwrap_model(unet_fwd), vae=vae,
                     text_encoder=accelerator.unwrap_model(te_fwd), tokenizer=base.tokenizer,
@@ -320,12 +317,11 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         while step < total_steps:
             for batch_index, batch in enumerate(data.loader(epoch, start_batch=start_batch), start=start_batch):
                 data_wait += time.perf_counter() - fetch_start
-                with accelerator.accumulate(*trained), kernels.unet():
+                with accelerator.accumulate(*trained):
                     if batch["cache_keys"] is not None:
                         latents = torch.stack([cached[k] for k in batch["cache_keys"]])
                     else:
-                        with kernels.vae():
-                            latents = _encode_pixels(vae, batch["pixels"], device, latent_gen)
+                        latents = _encode_pixels(vae, batch["pixels"], device, latent_gen)
                     noise = torch.randn(latents.shape, generator=noise_gen, device=device)
                     timesteps = torch.randint(0, num_t, (latents.shape[0],), generator=noise_gen, device=device)
                     noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -399,8 +395,9 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         return TrainResult(steps=step, val_loss_start=val_start, val_loss=history[-1][1] if history else float("nan"),
                            plan=plan, val_history=history, lora_tensors=lora_tensors(save_dtype), states=saved_states,
                            feature_cache=describe(stores), first_step_at=first_step_at,
-                           conv_kernels=kernels.describe())
+                           conv_kernels=kernels)
     finally:
+        scope.close()
         _restore(network, (unet, vae, text_encoder))
 
 
