@@ -238,7 +238,7 @@ def test_resume_after_the_controller_is_killed(tiny_model: Path, tmp_path: Path)
 
 def test_two_controllers_share_one_study(tiny_model: Path, tmp_path: Path) -> None:
     args = sweep_args(tmp_path, "shared", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler=random",
-                      "optimizer.lr=tag(log,interval(1e-4,1e-2))")
+                      "optimizer.lr=tag(log,interval(1e-4,1e-2))", launcher="basic")  # trials in the controllers
     procs = [subprocess.Popen([*LORASWEEP, *args], cwd=tmp_path, env={**os.environ, **ENV},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
@@ -346,7 +346,7 @@ def test_timeout_stops_starting_trials(tiny_model: Path, tmp_path: Path) -> None
 
 
 def test_out_of_memory_fails_the_trial_not_the_sweep(tiny_model: Path, tmp_path: Path) -> None:
-    args = sweep_args(tmp_path, "oom", "hydra.sweeper.n_trials=1", "network.dim=choice(2,4)")
+    args = sweep_args(tmp_path, "oom", "hydra.sweeper.n_trials=1", "network.dim=choice(2,4)", launcher="basic")
     proc = run_cli(args, cwd=tmp_path, env={**ENV, "LORASWEEP_FAULT": "oom:step=10:trial=0"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first, second = load(tmp_path, "oom").trials
