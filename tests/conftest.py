@@ -73,6 +73,19 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
                           env={**os.environ, **(env or {})})
 
 
+def main_in(cwd: Path, args: list[str]) -> int:
+    """Run the CLI's entry point in the test process from ``cwd``: the same code path as ``lorasweep`` without
+    a new interpreter's ≈10 s of imports. Tests of process-level behaviour (exit paths, workers, resume in a
+    fresh process) use :func:`run_cli`."""
+    import contextlib
+
+    from lorasweep.cli import main
+
+    cwd.mkdir(parents=True, exist_ok=True)
+    with contextlib.chdir(cwd):
+        return main(args)
+
+
 def user_error_line(returncode: int, stderr: str, *fragments: str) -> str:
     """Assert bad input's contract: exit code 2, no traceback, exactly one ``lorasweep: error:`` paragraph that
     contains every fragment; return that line."""

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
+from tests.conftest import main_in, run_cli
 
 SHORT = ["sampling.enabled=false", "validation.every_n_steps=null", "tracking.enabled=false"]
 
@@ -26,9 +26,8 @@ def _only_run(work: Path) -> Path:
 
 
 def _train(work: Path, *overrides: str) -> Path:
-    work.mkdir(parents=True, exist_ok=True)
-    proc = run_cli(["train", *SHORT, *overrides], cwd=work)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    """In the test process; resume and refusals below go through a fresh process."""
+    assert main_in(work, ["train", *SHORT, *overrides]) == 0
     return _only_run(work)
 
 

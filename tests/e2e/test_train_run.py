@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors import safe_open
 
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, main_in, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +88,8 @@ def test_lora_changes_samples(run_dir: Path) -> None:
 
 def test_learning_rate_matters(record: dict, tmp_path: Path) -> None:
     """A too small lr barely moves the loss, a too large one wrecks it; the default beats both."""
-    proc = run_cli(["train", "-m", *FAST, "optimizer.lr=1e-5,1e-1", "sampling.enabled=false",
-                    "tracking.enabled=false", f"output.root={tmp_path}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert main_in(tmp_path, ["train", "-m", *FAST, "optimizer.lr=1e-5,1e-1", "sampling.enabled=false",
+                              "tracking.enabled=false", f"output.root={tmp_path}"]) == 0
     (sweep_dir,) = (tmp_path / "sweeps").iterdir()
     results = {lr: json.loads((sweep_dir / str(job) / "run.json").read_text())["val_loss"]
                for job, lr in enumerate(("1e-5", "1e-1"))}
@@ -215,10 +214,9 @@ def test_reproduce_unknown_source(tmp_path: Path) -> None:
 
 def test_train_against_mlflow_server(mlflow_server: str, tiny_model: Path, tmp_path: Path) -> None:
     """Overrides with Hydra's grammar, logged to a real `mlflow server` (artifacts uploaded over HTTP)."""
-    proc = run_cli(["train", *FAST, "optimizer.lr=3e-4", "network.dim=16", "scheduler=cosine",
-                    "training.max_steps=20", f"tracking.uri={mlflow_server}", "tracking.experiment=server-test",
-                    "sampling.enabled=false"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert main_in(tmp_path, ["train", *FAST, "optimizer.lr=3e-4", "network.dim=16", "scheduler=cosine",
+                              "training.max_steps=20", f"tracking.uri={mlflow_server}",
+                              "tracking.experiment=server-test", "sampling.enabled=false"]) == 0
     run_dir = next((tmp_path / "outputs" / "runs").iterdir())
     record = json.loads((run_dir / "run.json").read_text())
     assert record["mlflow"]["tracking_uri"] == mlflow_server
