@@ -1,17 +1,19 @@
 """Legacy files from the command line: `lorasweep queue` (LETS multi_run_folder), `train
-legacy.load_json_path=...`, `import-legacy` and `legacy.save_json_only`, in fresh processes as a user runs them."""
+legacy.load_json_path=...`, `import-legacy` and `legacy.save_json_only`: training ones through the CLI's entry
+point in the test process, the others in fresh processes as a user runs them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from lorasweep.sweeping.storage import SweepRecord
-from tests.conftest import run_cli, user_error_line
+from tests.conftest import main_in, run_cli, user_error_line
 
 SHORT = ["sampling.enabled=false", "validation.every_n_steps=null"]
 
@@ -35,9 +37,8 @@ def test_queue_trains_each_file_in_one_multirun(tiny_model: Path, tmp_path: Path
                                               "learning_rate": 0.0005, "noise_offset": 0.1}))
     (queue / "b.json").write_text(json.dumps({"net_dim": 4, "scheduler": "linear", "max_steps": 6,
                                               "unet_only": True}))
-    proc = run_cli(["queue", str(queue), *SHORT, "training.max_steps=3", f"output.root={tmp_path / 'out'}"],
-                   cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert main_in(tmp_path, ["queue", str(queue), *SHORT, "training.max_steps=3",
+                              f"output.root={tmp_path / 'out'}"]) == 0
     (sweep_dir,) = (tmp_path / "out" / "sweeps").iterdir()
     runs = {}
     for job in ("0", "1"):
@@ -60,14 +61,14 @@ def test_queue_trains_each_file_in_one_multirun(tiny_model: Path, tmp_path: Path
     assert sorted(r.data.params["network.dim"] for r in children) == ["2", "4"]
 
 
-def test_train_loads_a_file_and_the_command_line_wins(tiny_model: Path, tmp_path: Path) -> None:
+def test_train_loads_a_file_and_the_command_line_wins(tiny_model: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     kohya = tmp_path / "kohya.toml"
     kohya.write_text('[network_arguments]\nnetwork_dim = 2\ntraining_comment = "from kohya"\n'
                      '[optimizer_arguments]\nlearning_rate = 0.002\noptimizer_type = "AdamW"\n')
-    proc = run_cli(["train", f"legacy.load_json_path={kohya}", "optimizer.lr=0.0003", "training.max_steps=2",
-                    "tracking.enabled=false", *SHORT], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"Settings from {kohya} (kohya TOML): 4 applied." in proc.stdout
+    assert main_in(tmp_path, ["train", f"legacy.load_json_path={kohya}", "optimizer.lr=0.0003",
+                              "training.max_steps=2", "tracking.enabled=false", *SHORT]) == 0
+    assert f"Settings from {kohya} (kohya TOML): 4 applied." in capsys.readouterr().out
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
     cfg = OmegaConf.load(run_dir / "config.yaml")
     assert (cfg.network.dim, cfg.optimizer.lr, cfg.output.comment) == (2, 0.0003, "from kohya")
