@@ -100,14 +100,19 @@ def user_error_line(returncode: int, stderr: str, *fragments: str) -> str:
 
 @pytest.fixture(scope="session")
 def trained_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """One `lorasweep train` run on the embedded default, shared by the run-folder, MLflow, export and
-    reproduce tests."""
+    """One `lorasweep train` run on the embedded default (in the test process), shared by the run-folder,
+    MLflow, export and reproduce tests; `reproduce` re-runs it in a fresh process."""
+    import contextlib
+    import io
+
     work = tmp_path_factory.mktemp("trained")
-    proc = run_cli(["train", *FAST], cwd=work)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main_in(work, ["train", *FAST])
+    assert code == 0, out.getvalue() + err.getvalue()
     runs = sorted((work / "outputs" / "runs").iterdir())
     assert len(runs) == 1
-    return {"work": work, "run_dir": runs[0], "stdout": proc.stdout, "stderr": proc.stderr}
+    return {"work": work, "run_dir": runs[0], "stdout": out.getvalue(), "stderr": err.getvalue()}
 
 
 def _free_port() -> int:
