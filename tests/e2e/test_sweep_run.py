@@ -238,7 +238,8 @@ def test_resume_after_the_controller_is_killed(tiny_model: Path, tmp_path: Path)
 
 def test_two_controllers_share_one_study(tiny_model: Path, tmp_path: Path) -> None:
     args = sweep_args(tmp_path, "shared", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler=random",
-                      "optimizer.lr=tag(log,interval(1e-4,1e-2))", launcher="basic")  # trials in the controllers
+                      "optimizer.lr=tag(log,interval(1e-4,1e-2))", "trial.num_threads=1",  # 2 controllers, 2 cores
+                      launcher="basic")  # trials in the controllers
     procs = [subprocess.Popen([*LORASWEEP, *args], cwd=tmp_path, env={**os.environ, **ENV},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
@@ -253,7 +254,8 @@ def test_two_controllers_share_one_study(tiny_model: Path, tmp_path: Path) -> No
                                  filter_string="tags.`optuna.study` = 'shared' and tags.`lorasweep.sweeper` = "
                                                "'lorasweep_optuna'")
     assert len(parents) == 1  # one parent run for the shared sweep folder
-    assert len(children(client, parents[0].info.run_id)) == 3
+    runs = children(client, parents[0].info.run_id)
+    assert len(runs) == 3 and {r.data.params["trial.num_threads"] for r in runs} == {"1"}  # the user's, kept
 
 
 def test_joblib_launcher_runs_parallel_slots(tiny_model: Path, tmp_path: Path) -> None:

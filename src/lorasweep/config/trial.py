@@ -33,8 +33,9 @@ class TrialConfig:
     """The metrics the sweep optimises; the first is reported for pruning when it is ``val_loss``."""
 
     num_threads: int | None = None
-    """Torch CPU threads for this trial (the sweeper divides the cores among its parallel slots);
-    null = torch's default."""
+    """Torch CPU threads for this trial. null: in a sweep, the cores this process may use divided among its
+    parallel slots; in a single run, torch's default. Set it when several controllers share a machine (each
+    only knows its own slots, and oversubscribed OpenMP threads spin-wait)."""
 
     @property
     def active(self) -> bool:

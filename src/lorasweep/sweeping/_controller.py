@@ -334,8 +334,10 @@ class SweepController:
             log.info("the grid has %d points: the sweep stops there (hydra.sweeper.n_trials=%d)", grid_size(space),
                      n_trials)
             n_trials = grid_size(space)
-        cores = os.cpu_count() or 1
-        threads = max(1, cores // c.max_parallel) if train_cfg.training.device != "cuda" else None
+        threads = train_cfg.trial.num_threads  # the user's, e.g. when several controllers share the machine
+        if threads is None and train_cfg.training.device != "cuda":
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = max(1, cores // c.max_parallel)
         deadline = None if c.timeout is None else time.monotonic() + float(c.timeout)
         running: dict[Future[JobReturn], optuna.Trial] = {}
         stopped: str | None = None
