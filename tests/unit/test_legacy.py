@@ -307,3 +307,26 @@ def test_lets_epochs_and_steps_follow_kohya(tmp_path: Path, settings: dict[str, 
                                             max_steps: int | None) -> None:
     cfg = compose([f"legacy.load_json_path={write_json(tmp_path / 'lets.json', settings)}"]).train_config()
     assert (cfg.training.epochs, cfg.training.max_steps) == (epochs, max_steps)
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("network.dim", 8, 8), ("network.dim", 8.0, 8), ("network.dim", "8", 8), ("network.dim", "1e3", 1000),
+    ("network.dim", 10**20, 10**20),
+    ("optimizer.lr", "1e-4", 1e-4), ("optimizer.lr", 3, 3.0), ("optimizer.lr", " 0.5 ", 0.5),
+])
+def test_legacy_numbers_are_read_from_numbers_and_numeric_strings(key: str, value: Any, expected: Any) -> None:
+    from lorasweep.legacy.schema import coerce
+
+    got = coerce(key, value)
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("network.dim", "8.5"), ("network.dim", True), ("network.dim", "eight"), ("network.dim", float("inf")),
+    ("optimizer.lr", "nan"), ("optimizer.lr", float("nan")), ("optimizer.lr", False), ("optimizer.lr", [1e-4]),
+])
+def test_legacy_values_that_are_not_numbers_are_refused(key: str, value: Any) -> None:
+    from lorasweep.legacy.schema import BadValue, coerce
+
+    with pytest.raises(BadValue):
+        coerce(key, value)

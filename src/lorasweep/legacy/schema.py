@@ -89,6 +89,21 @@ def describe(hint: Any) -> str:
     return str(base)
 
 
+def _as_number(value: Any) -> float | None:
+    """A number from an int, a float or a numeric string (legacy files write ``"1e-4"`` as often as 1e-4);
+    None for anything else, booleans included."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def _coerce(hint: Any, value: Any) -> Any:
     base, can_be_null = _split_optional(hint)
     if value is None:
@@ -103,28 +118,14 @@ def _coerce(hint: Any, value: Any) -> Any:
             return value.strip().lower() == "true"
     elif base is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-            else:
-                if number.is_integer():
-                    return int(number)
+            return value  # exact, however large
+        number = _as_number(value)
+        if number is not None and number.is_integer():
+            return int(number)
     elif base is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-            else:
-                if not math.isnan(number):
-                    return number
+        number = _as_number(value)
+        if number is not None and not math.isnan(number):
+            return number
     elif base is str:
         if isinstance(value, str):
             return value
