@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +26,10 @@ def process_cpu_seconds() -> float:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if platform.system() == "Darwin" else peak * 1024
+    """Peak resident set size of this process so far: the measure run.json records as ``peak_rss_mib``."""
+    from lorasweep.job import peak_rss_mib
+
+    return int(peak_rss_mib() * 2**20)
 
 
 def synchronize(device: torch.device) -> None:
