@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lorasweep.training.kernels import NATIVE_MAX_POSITIONS, conv_kernels, kernel_mode
+from lorasweep.training.kernels import NATIVE_MAX_POSITIONS, NATIVE_MIN_WEIGHT, conv_kernels, kernel_mode
 
 CPU = torch.device("cpu")
 NATIVE = "aten::_slow_conv2d_forward"
@@ -36,16 +36,21 @@ def test_mode_per_run(setting: str, mixed: str, device: torch.device, expected: 
 
 def test_auto_picks_the_kernel_per_call_by_size_and_puts_everything_back() -> None:
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1).requires_grad_(False)  # frozen, as the base is
-    small = torch.randn(4, 64, 8, 8)  # 256 positions
-    large = torch.randn(1, 64, 32, 32)  # 1024 positions
+    conv = torch.nn.Conv2d(512, 256, 3, padding=1).requires_grad_(False)  # frozen, as the base is
+    small = torch.randn(4, 512, 8, 8)  # 256 positions
+    large = torch.randn(1, 512, 32, 32)  # 1024 positions
     assert small.shape[0] * small.shape[2] * small.shape[3] <= NATIVE_MAX_POSITIONS
+    assert conv.weight.numel() >= NATIVE_MIN_WEIGHT
+    light = torch.nn.Conv2d(64, 64, 3, padding=1).requires_grad_(False)  # small weight: oneDNN converts it cheaply
     forward, flag = torch.nn.Conv2d._conv_forward, torch.backends.mkldnn.enabled
     assert ONEDNN in _kernels_of(conv, small)  # PyTorch's own choice for both sizes
 
     with conv_kernels("auto", CPU, "no") as applied:
-        assert applied == {"mode": "size", "native_max_positions": NATIVE_MAX_POSITIONS}
+        assert applied == {"mode": "size", "native_max_positions": NATIVE_MAX_POSITIONS,
+                           "native_min_weight": NATIVE_MIN_WEIGHT}
         on_small, on_large = _kernels_of(conv, small), _kernels_of(conv, large)
+        on_light = _kernels_of(light, torch.randn(4, 64, 8, 8))
+    assert ONEDNN in on_light and NATIVE not in on_light
     assert NATIVE in on_small and ONEDNN not in on_small
     assert "aten::_slow_conv2d_backward" in on_small  # the backward follows the forward's kernel
     assert ONEDNN in on_large and NATIVE not in on_large
