@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -77,8 +79,6 @@ def main_in(cwd: Path, args: list[str]) -> int:
     """Run the CLI's entry point in the test process from ``cwd``: the same code path as ``lorasweep`` without
     a new interpreter's ≈10 s of imports. Tests of process-level behaviour (exit paths, workers, resume in a
     fresh process) use :func:`run_cli`."""
-    import contextlib
-
     from lorasweep.cli import main
 
     cwd.mkdir(parents=True, exist_ok=True)
@@ -102,9 +102,6 @@ def user_error_line(returncode: int, stderr: str, *fragments: str) -> str:
 def trained_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """One `lorasweep train` run on the embedded default (in the test process), shared by the run-folder,
     MLflow, export and reproduce tests; `reproduce` re-runs it in a fresh process."""
-    import contextlib
-    import io
-
     work = tmp_path_factory.mktemp("trained")
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
