@@ -13,7 +13,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lorasweep.data.synthetic import WORDS
-from lorasweep.models.text import encode_tokens, tokenize
+from lorasweep.models.text import CaptionTokens, encode_tokens, tokenize
 from lorasweep.models.tokenizer import build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -144,3 +144,43 @@ def test_clip_skip_is_penultimate_layer_plus_final_norm(tokenizer: CLIPTokenizer
     ids150 = tokenize(tokenizer, [SHORT], max_token_length=150)
     first = final_norm(text_encoder(ids150[:, 0], output_hidden_states=True).hidden_states[-2])
     torch.testing.assert_close(encode_tokens(text_encoder, ids150, 2)[:, :76], first[:, :76], rtol=0, atol=1e-6)
+
+
+
+class CountingTokenizer:
+    """The tokenizer, recording how many captions each call tokenizes."""
+
+    def __init__(self, tokenizer: CLIPTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.calls: list[int] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, texts: list[str], **kwargs: object) -> object:
+        self.calls.append(len(texts))
+        return self.tokenizer(texts, **kwargs)
+
+
+@pytest.mark.parametrize("length", [75, 150])
+def test_caption_tokens_equal_batch_tokenization_and_tokenize_each_caption_once(
+        tokenizer: CLIPTokenizer, length: int) -> None:
+    captions = [SHORT, words(140), SHORT, "", words(20)]
+    counting = CountingTokenizer(tokenizer)
+    memo = CaptionTokens(counting, length)
+    assert torch.equal(memo(captions), tokenize(tokenizer, captions, length))
+    assert counting.calls == [4]  # the repeated caption once
+    assert torch.equal(memo(list(reversed(captions))), tokenize(tokenizer, list(reversed(captions)), length))
+    assert counting.calls == [4]  # all known: no tokenizer call
+
+
+def test_caption_tokens_memo_is_bounded_least_recently_used(tokenizer: CLIPTokenizer) -> None:
+    counting = CountingTokenizer(tokenizer)
+    memo = CaptionTokens(counting, 75, maxsize=2)
+    for caption in ["a zorb", "blue", "a zorb", "red"]:  # "red" evicts "blue", the least recently used
+        memo([caption])
+    assert counting.calls == [1, 1, 1]
+    memo(["a zorb"])
+    assert counting.calls == [1, 1, 1]
+    assert torch.equal(memo(["blue"]), tokenize(tokenizer, ["blue"]))
+    assert counting.calls == [1, 1, 1, 1]

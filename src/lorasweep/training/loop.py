@@ -25,7 +25,7 @@ from lorasweep.data.loader import TrainData
 from lorasweep.evaluation.samples import Sample, render_samples
 from lorasweep.evaluation.validation import ValidationLoss
 from lorasweep.models.loading import BaseModel
-from lorasweep.models.text import encode_tokens, tokenize
+from lorasweep.models.text import CaptionTokens, encode_tokens, tokenize
 from lorasweep.training.objective import training_target, weighted_loss
 from lorasweep.training.optim import build_lr_scheduler, build_optimizer, effective_learning_rates, warmup_steps
 from lorasweep.training.state import Position, SavedState, save_state, set_rng_states
@@ -210,8 +210,10 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         def encode(te: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
             return encode_tokens(te, ids, cfg.model.clip_skip, max_token_length=max_tokens)
 
+        caption_tokens = CaptionTokens(base.tokenizer, max_tokens)
+
         def token_ids(captions: list[str]) -> torch.Tensor:
-            return tokenize(base.tokenizer, captions, max_token_length=max_tokens).to(device)
+            return caption_tokens(captions).to(device)
 
         # Data: latents once when cached (the VAE is frozen), validation latents (posterior mean) always.
         data = TrainData(train_items, reg_items or [], cfg.data, seed=tc.seed, batch_size=tc.batch_size,
