@@ -140,7 +140,7 @@ class _BenchRecorder:
         if step == 1:  # while training: the loop takes its LoRA off the base when it returns
             self.lora_modules = _lora_modules(self.base.unet, self.base.text_encoder)
 
-    def snapshot(self, epoch: int, step: int, tensors: dict[str, Any], plan: Any) -> None:
+    def snapshot(self, epoch: int, step: int, tensors: dict[str, Any], plan: Any, *, by_step: bool = False) -> None:
         pass
 
 

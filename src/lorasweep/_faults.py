@@ -1,6 +1,8 @@
-"""Test-only fault injection: ``LORASWEEP_FAULT=oom:step=10[:trial=1]`` raises a CUDA out-of-memory error
-(``torch.OutOfMemoryError``) when training logs that step (in that sweep trial only), so the failure paths of
-sweeps can be tested on a machine without a GPU. Unset in normal use; reading one variable costs nothing."""
+"""Test-only fault injection, so failure paths can be tested on a machine without a GPU:
+``LORASWEEP_FAULT=oom:step=10[:trial=1]`` raises a CUDA out-of-memory error (``torch.OutOfMemoryError``) when
+training logs that step (in that sweep trial only); ``kill:step=10`` ends the process with SIGKILL there (a
+crash nothing can clean up after); any other kind raises ``RuntimeError``. Unset in normal use; reading one
+variable costs nothing."""
 
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ def inject(step: int, trial_number: int | None) -> None:
         return
     if "trial" in options and (trial_number is None or int(options["trial"]) != trial_number):
         return
+    if kind == "kill":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     if kind == "oom":
         import torch
 

@@ -18,7 +18,8 @@ commands:
                             to its MLflow parent run)
   ui                        open the MLflow UI on the default store, bound to 127.0.0.1
   reproduce RUN [--check]   re-run a run folder (or an MLflow run id) from its saved config
-  resume RUN [--state DIR]  continue a run (saved with output.save_state=true) from its latest training state
+  resume RUN [--state DIR] [--force]
+                            continue a run (saved with output.save_state=true) from its latest training state
   import-legacy FILE [-o OUT.yaml] [--skip a,b]
                             convert a LETS JSON, kohya TOML or train_network.py argument file into a YAML config
                             (or overrides), listing every setting it mapped and every one it could not, and why
@@ -48,8 +49,10 @@ def _resume(argv: list[str]) -> int:
                                      description="Continue a run from its saved training state in a new run folder.")
     parser.add_argument("run", help="the run folder (trained with output.save_state=true)")
     parser.add_argument("--state", default=None, help="a state/step-NNNNNN folder (default: the latest)")
+    parser.add_argument("--force", action="store_true",
+                        help="resume although the run's config.yaml or data set changed since the state was saved")
     args = parser.parse_args(argv)
-    return resume(args.run, state=args.state)
+    return resume(args.run, state=args.state, force=args.force)
 
 
 def _reproduce(argv: list[str]) -> int:

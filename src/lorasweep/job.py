@@ -11,7 +11,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,14 @@ class CheckedInputs:
     val_items: list[ImageItem]
     missing_captions: int
     reg_items: tuple[ImageItem, ...] = ()
+    resume_forced: tuple[str, ...] = ()
+    """With ``resume.force``: what differs from the saved state's config and data set."""
+
+    @property
+    def data_digest(self) -> str:
+        from lorasweep.training.state import data_fingerprint
+
+        return data_fingerprint([*self.train_items, *self.reg_items])
 
 
 #: What a job returns to a sweeper, and so the metrics a sweep may optimise (``hydra.sweeper.objective``).
@@ -116,16 +124,19 @@ def preflight(cfg: DictConfig | TrainConfig) -> CheckedInputs:
 
     TrainData(scan.items, reg_items, tc.data, seed=tc.training.seed, batch_size=tc.training.batch_size,
               prior_loss_weight=tc.training.prior_loss_weight)  # bucket fits: a too-small image fails here
-    if tc.resume.state_dir:
-        from lorasweep.training.state import load_state_meta
-
-        load_state_meta(Path(tc.resume.state_dir), tc)
     if tc.network.init_weights and not Path(tc.network.init_weights).expanduser().is_file():
         raise UserError("network.init_weights", f"{tc.network.init_weights} is not a file.",
                         "Point it at a LoRA .safetensors file, or set it to null.")
     # Regularisation images are never held out: the validation loss measures the concept being learned.
     train_items, val_items = split_validation(scan.items, tc.validation.split, tc.validation.seed)
-    return CheckedInputs(tc, train_dir, train_items, val_items, scan.missing_captions, tuple(reg_items))
+    checked = CheckedInputs(tc, train_dir, train_items, val_items, scan.missing_captions, tuple(reg_items))
+    if tc.resume.state_dir:
+        from lorasweep.training.state import load_state_meta
+
+        meta = load_state_meta(Path(tc.resume.state_dir).expanduser(), tc, checked.data_digest)
+        if meta.get("forced"):
+            checked = replace(checked, resume_forced=tuple(meta["forced"]))
+    return checked
 
 
 def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = None,
@@ -180,6 +191,7 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
         name=run_dir.name, train_dir=str(checked.train_dir), device=str(pick_device(tc.training.device)),
         n_train_images=len(checked.train_items), n_val_images=len(checked.val_items),
         n_reg_images=len(checked.reg_items), resumed_from=tc.resume.state_dir,
+        resume_forced=list(checked.resume_forced) or None,
         missing_captions=checked.missing_captions, tags=all_tags,
         trial=None if not tc.trial.active else {"study": tc.trial.study_name, "number": tc.trial.number,
                                                 "storage": tc.trial.storage},
@@ -209,10 +221,15 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
         log.info("base model %s: %s in %.1f s", base.model_id, "reused from this process" if loaded.cached
                  else "loaded", loaded.seconds)
         base_hashes = _base_hashes(tc)
-        saved_state = load_state(Path(tc.resume.state_dir).expanduser(), tc) if tc.resume.state_dir else None
+        saved_state = None
+        if tc.resume.state_dir:
+            saved_state = load_state(Path(tc.resume.state_dir).expanduser(), tc, checked.data_digest)
+            if checked.resume_forced:
+                log.warning("resuming with resume.force although %s changed: this run is not the continuation "
+                            "of the saved one", ", ".join(checked.resume_forced))
 
-        def facts(epoch: int, plan: Plan) -> TrainingFacts:
-            return TrainingFacts(
+        def facts(epoch: int, plan: Plan, steps: int | None = None) -> TrainingFacts:
+            return TrainingFacts(steps=steps,
                 model_id=base.model_id, num_train_images=sum(it.repeats for it in checked.train_items),
                 num_batches_per_epoch=plan.batches_per_epoch, num_epochs=plan.epochs, epoch=epoch,
                 max_train_steps=plan.total_steps, warmup_steps=plan.warmup_steps, started_at=started,
@@ -229,9 +246,10 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
                 export_lora(path, Path(tc.output.export_dir).expanduser(), run_dir.name)
             return path
 
-        def snapshot(epoch: int, step: int, tensors: dict[str, Any], plan: Plan) -> None:
-            path = save(f"{tc.output.name}-{epoch:06d}", tensors, facts(epoch, plan))
-            log.info("epoch %d: saved %s", epoch, path.name)
+        def snapshot(epoch: int, step: int, tensors: dict[str, Any], plan: Plan, *, by_step: bool = False) -> None:
+            name = f"{tc.output.name}-step{step:08d}" if by_step else f"{tc.output.name}-{epoch:06d}"  # kohya's
+            path = save(name, tensors, facts(epoch, plan, step))
+            log.info("step %d (epoch %d): saved %s", step, epoch, path.name)
 
         recorder.snapshot_saver = snapshot
         with TrainProgress(console, run_dir.name, enabled=show_progress) as progress:
@@ -347,11 +365,11 @@ class _Recorder:
         self.reporter = reporter
         self.board = board
         self.progress_bar: TrainProgress | None = None
-        self.snapshot_saver: Callable[[int, int, dict[str, Any], Plan], None] | None = None
+        self.snapshot_saver: Callable[..., None] | None = None
 
-    def snapshot(self, epoch: int, step: int, tensors: dict[str, Any], plan: Plan) -> None:
+    def snapshot(self, epoch: int, step: int, tensors: dict[str, Any], plan: Plan, *, by_step: bool = False) -> None:
         if self.snapshot_saver is not None:
-            self.snapshot_saver(epoch, step, tensors, plan)
+            self.snapshot_saver(epoch, step, tensors, plan, by_step=by_step)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         self.folder.log_metrics(step, values)

@@ -7,8 +7,10 @@ same three come from its artifacts and metrics), so a run can be reproduced from
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from lorasweep.errors import UserError
 if TYPE_CHECKING:
     from lorasweep.job import JobResult
 
+log = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -137,7 +140,7 @@ def latest_state(run_dir: Path) -> Path:
     return states[-1]
 
 
-def resume(run: str, *, state: str | None = None) -> int:
+def resume(run: str, *, state: str | None = None, force: bool = False) -> int:
     """``lorasweep resume RUN``: continue ``RUN`` from its latest state (or ``state``) in a new run folder,
     with the run's own config, so the continuation is exactly the uninterrupted run's trajectory."""
     path = Path(run)
@@ -145,11 +148,34 @@ def resume(run: str, *, state: str | None = None) -> int:
         raise UserError(run, "is not a run folder.", "Give the folder printed as 'Run folder:' by `lorasweep train`.")
     src = _from_folder(path)
     state_dir = Path(state) if state else latest_state(path)
+    _close_if_dead(path)
     tags = {"lorasweep.resumed_from": str(state_dir.resolve())}
     if src.mlflow_run_id:
         tags["lorasweep.resumed_from_run"] = src.mlflow_run_id
-    _run_saved_config(src, "resume", tags, {"resume.state_dir": str(state_dir.resolve())})
+    _run_saved_config(src, "resume", tags, {"resume.state_dir": str(state_dir.resolve()), "resume.force": force})
     return 0
+
+
+def _close_if_dead(run_dir: Path) -> None:
+    """A run killed while training (SIGKILL, power loss) still reads RUNNING: mark it KILLED, in its folder and
+    in MLflow, before its continuation starts; a run whose process still trains is not resumed twice."""
+    from lorasweep.liveness import is_alive
+    from lorasweep.tracking.run_folder import close_interrupted_run, read_record
+
+    if not (run_dir / "run.json").is_file():
+        return
+    record = read_record(run_dir)
+    if record.get("status") != "RUNNING":
+        return
+    identity = record.get("process") or f"{record.get('host')}:{record.get('pid')}:?"
+    if identity.partition(":")[0] != socket.gethostname():  # cannot tell from here; its record stays as it is
+        log.warning("%s reads RUNNING on host %s; resuming it here all the same", run_dir, record.get("host"))
+        return
+    if is_alive(identity):
+        raise UserError(str(run_dir), f"is still training (process {identity}).",
+                        "Wait for it to end, or stop it, before resuming it.")
+    close_interrupted_run(run_dir, "interrupted: its process stopped while training; `lorasweep resume` "
+                          "continues it in a new run folder")
 
 
 def compare_loras(a: Path, b: Path) -> dict[str, float]:

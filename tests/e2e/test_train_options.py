@@ -123,13 +123,15 @@ def _event_tags(path: Path) -> set[str]:
     return tags
 
 
+# 24 batches an epoch: step saves at 12, 24 (an epoch's end), 36 (mid-epoch), 48 (with the epoch-2 snapshot)...
 COMMON_STATE = ["training.max_steps=null", "training.epochs=4", "output.save_every_n_epochs=2",
-                "output.save_state=true", "precision.save=float", "network.dropout=0.1"]
+                "output.save_every_n_steps=12", "output.save_state=true", "precision.save=float",
+                "network.dropout=0.1", "training.log_every_n_steps=1"]
 
 
 @pytest.fixture(scope="module")
 def stateful_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4 epochs with a training state saved after epoch 2 and at the end, and a float LoRA."""
+    """4 epochs (96 steps) with a training state every 12 steps, after epoch 2 and at the end, a float LoRA."""
     return _train(tmp_path_factory.mktemp("stateful") / "a", *COMMON_STATE)
 
 
@@ -138,10 +140,10 @@ def test_state_resume_continues_bitwise(stateful_run: Path) -> None:
     (optimizer, scheduler, RNGs incl. LoRA dropout, data order restored), and its validation history."""
     first = stateful_run
     states = sorted(p.name for p in (first / "state").iterdir())
-    assert len(states) == 2, states  # after epoch 2 and at the end
-    middle = first / "state" / states[0]
+    assert states == [f"step-{n:06d}" for n in (12, 24, 36, 48, 60, 72, 84, 96)]
+    middle = first / "state" / "step-000048"
     meta = json.loads((middle / "state.json").read_text())
-    assert meta["epoch"] == 3 and meta["batch"] == 0
+    assert meta["epoch"] == 3 and meta["batch"] == 0  # after epoch 2's own snapshot
     work = first.parent.parent.parent
     proc = run_cli(["resume", str(first), "--state", str(middle)], cwd=work)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -155,18 +157,102 @@ def test_state_resume_continues_bitwise(stateful_run: Path) -> None:
     assert rec_b["steps"] == rec_a["steps"]
     assert rec_b["val_history"] == rec_a["val_history"]
     assert rec_b["resumed_from"] == str(middle.resolve())
-    # The resumed run only wrote what came after the state: no epoch-2 snapshot again.
-    assert sorted(p.name for p in (resumed / "lora").iterdir()) == ["lora.safetensors"]
+    # The resumed run only wrote what came after the state: no epoch-2 or step-48 snapshot again.
+    assert sorted(p.name for p in (resumed / "lora").iterdir()) == [
+        "lora-step00000060.safetensors", "lora-step00000072.safetensors", "lora-step00000084.safetensors",
+        "lora.safetensors"]
 
 
-def test_resume_into_a_changed_config_is_refused(stateful_run: Path, tmp_path: Path) -> None:
-    state = next((stateful_run / "state").iterdir())
-    proc = run_cli(["train", *SHORT, *COMMON_STATE, "training.batch_size=2", f"resume.state_dir={state}"],
-                   cwd=tmp_path)
+def _metric_rows(run: Path) -> dict[int, dict[str, float]]:
+    rows: dict[int, dict[str, float]] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row.pop("step"), {}).update({k: v for k, v in row.items() if k != "time"})
+    return rows
+
+
+def test_killed_mid_epoch_then_resumed_is_the_uninterrupted_run(stateful_run: Path, tmp_path: Path) -> None:
+    """SIGKILL at step 40 (epoch 2, batch 16); `lorasweep resume` continues from the step-36 state (epoch 2,
+    batch 12) and ends bitwise at the uninterrupted run's LoRA; steps, epochs, the LR schedule, snapshot
+    numbering and MLflow step indices carry on where they stopped; the killed run is closed as KILLED."""
+    from mlflow import MlflowClient
+
+    args = ["train", "sampling.enabled=false", "validation.every_n_steps=null", *COMMON_STATE]
+    proc = run_cli(args, cwd=tmp_path, env={"LORASWEEP_FAULT": "kill:step=40"})
+    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
+    killed = _only_run(tmp_path)
+    assert json.loads((killed / "run.json").read_text())["status"] == "RUNNING"  # nothing could close it
+    assert sorted(p.name for p in (killed / "state").iterdir()) == ["step-000012", "step-000024", "step-000036"]
+    positions = {name: json.loads((killed / "state" / name / "state.json").read_text())
+                 for name in ("step-000024", "step-000036")}
+    assert (positions["step-000024"]["epoch"], positions["step-000024"]["batch"]) == (2, 0)  # an epoch's end
+    assert (positions["step-000036"]["epoch"], positions["step-000036"]["batch"]) == (2, 12)  # mid-epoch
+
+    proc = run_cli(["resume", str(killed)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    resumed = next(p for p in (tmp_path / "outputs" / "runs").iterdir() if p.name.endswith("-resume"))
+    uninterrupted = stateful_run
+    final = {name: load_file(run / "lora" / "lora.safetensors") for name, run in
+             (("a", uninterrupted), ("b", resumed))}
+    assert all(torch.equal(final["a"][k], final["b"][k]) for k in final["a"]), "left the uninterrupted trajectory"
+
+    # Snapshots: what the killed run wrote plus what the resumed run wrote = the uninterrupted run's, equal.
+    names = {run: {p.name for p in (run / "lora").iterdir()} for run in (uninterrupted, killed, resumed)}
+    assert names[killed] | names[resumed] == names[uninterrupted]
+    assert names[resumed] == {"lora-step00000048.safetensors", "lora-000002.safetensors",
+                              "lora-step00000060.safetensors", "lora-step00000072.safetensors",
+                              "lora-step00000084.safetensors", "lora.safetensors"}
+    for name in names[resumed]:
+        a, b = load_file(uninterrupted / "lora" / name), load_file(resumed / "lora" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    with safe_open(str(resumed / "lora" / "lora-step00000060.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_steps"], meta["ss_epoch"]) == ("60", "3")
+
+    # Counters and the schedule continue: the resumed run logs steps 37..96 with the uninterrupted run's
+    # loss, learning rate and epoch at every step.
+    rows_a, rows_b = _metric_rows(uninterrupted), _metric_rows(resumed)
+    loss_steps = sorted(step for step, row in rows_b.items() if "loss" in row)
+    assert loss_steps == list(range(37, 97))
+    for step in loss_steps:
+        for key in ("loss", "lr/unet", "epoch"):
+            assert rows_b[step][key] == rows_a[step][key], (step, key)
+    record = json.loads((resumed / "run.json").read_text())
+    assert record["steps"] == 96 and record["val_history"] == json.loads((uninterrupted / "run.json").read_text())[
+        "val_history"]
+
+    # MLflow: the killed run is closed as KILLED; the continuation's metric steps pick up at 37.
+    old_record = json.loads((killed / "run.json").read_text())
+    assert old_record["status"] == "KILLED" and "interrupted" in old_record["error"]
+    client = MlflowClient(tracking_uri=record["mlflow"]["tracking_uri"])
+    old_run = client.get_run(old_record["mlflow"]["run_id"])
+    assert old_run.info.status == "KILLED"
+    assert sorted(m.step for m in client.get_metric_history(old_run.info.run_id, "loss")) == list(range(1, 41))
+    new_run = client.get_run(record["mlflow"]["run_id"])
+    assert new_run.data.tags["lorasweep.resumed_from_run"] == old_run.info.run_id
+    history = client.get_metric_history(new_run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == loss_steps
+    assert {m.step: m.value for m in history} == {s: rows_b[s]["loss"] for s in loss_steps}
+
+
+def test_resume_into_a_changed_config_is_refused_unless_forced(stateful_run: Path, tmp_path: Path) -> None:
+    state = stateful_run / "state" / "step-000036"
+    changed = ["train", *SHORT, *COMMON_STATE, "training.batch_size=8", f"resume.state_dir={state}"]
+    proc = run_cli(changed, cwd=tmp_path)
     assert proc.returncode == 2
     assert "resume.state_dir" in proc.stderr and "training.batch_size" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "resume.force=true" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "outputs" / "runs").exists()
+    # The LoRA's shape can never change, forced or not.
+    proc = run_cli([*changed, "network.dim=4", "resume.force=true"], cwd=tmp_path)
+    assert proc.returncode == 2 and "network cannot change on resume" in proc.stderr, proc.stderr
+    assert not (tmp_path / "outputs" / "runs").exists()
+    # Forced: 8 a batch gives 12 batches an epoch and 48 steps in 4 epochs; the state's position (epoch 2,
+    # batch 12) is then epoch 2's end, so the run trains epoch 3 (steps 37-48) and ends.
+    assert main_in(tmp_path, [*changed, "resume.force=true"]) == 0
+    record = json.loads((_only_run(tmp_path) / "run.json").read_text())
+    assert record["status"] == "FINISHED" and record["resume_forced"] == ["training.batch_size"]
+    assert record["steps"] == 48
 
 
 def test_init_weights_starts_from_a_saved_lora(stateful_run: Path, tmp_path: Path, tiny_model: Path) -> None:

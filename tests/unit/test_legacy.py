@@ -98,7 +98,8 @@ def test_kohya_toml_sections_epochs_and_warmup(tmp_path: Path) -> None:
     toml = tmp_path / "kohya.toml"
     toml.write_text('[model_arguments]\npretrained_model_name_or_path = "/m/x.safetensors"\nv2 = false\n'
                     '[training_arguments]\nmax_train_steps = 1000\nlr_warmup_steps = 100\nxformers = true\n'
-                    'network_train_unet_only = true\n[optimizer_arguments]\noptimizer_type = "Lion"\n'
+                    'network_train_unet_only = true\nsave_every_n_steps = 250\n'
+                    '[optimizer_arguments]\noptimizer_type = "Lion"\n'
                     'optimizer_args = ["weight_decay=0.05", "betas=0.95,0.98", "decouple=True"]\n'
                     'resolution = "768,768"\nmin_snr_gamma = 5\n[x]\nmin_bucket_reso = 256\n')
     conversion = convert_file(toml)
@@ -109,7 +110,7 @@ def test_kohya_toml_sections_epochs_and_warmup(tmp_path: Path) -> None:
     assert values["optimizer.name"] == "lion" and values["optimizer.args.decouple"] is True
     assert (values["optimizer.beta1"], values["optimizer.beta2"]) == (0.95, 0.98)
     assert values["data.resolution"] == 768 and values["network.train_text_encoder"] is False
-    assert values["data.buckets.min_side"] == 256
+    assert values["data.buckets.min_side"] == 256 and values["output.save_every_n_steps"] == 250
     assert "min-SNR" in {n.source: n.reason for n in conversion.not_applied}["min_snr_gamma"]
 
     toml.write_text("max_train_epochs = 4\nmax_train_steps = 1000\nlr_warmup_steps = 50\n")

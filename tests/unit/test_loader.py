@@ -148,6 +148,20 @@ def test_num_workers_and_resume_do_not_change_anything(train_items: list[ImageIt
     assert first != [c for caps, _ in run(serial, 2) for c in caps]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterating_the_loader_leaves_the_global_torch_rng_alone(train_items: list[ImageItem], workers: int) -> None:
+    """LoRA dropout draws from the global torch RNG; a resumed run starts its epoch iterator at another point
+    than the uninterrupted run, so an iterator that drew from that RNG would shift every later mask."""
+    data = _data(train_items, num_workers=workers)
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    for epoch in (1, 2):
+        for _ in data.loader(epoch, start_batch=1):
+            pass
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_caption_dropout_every_n_epochs_through_the_loader(train_items: list[ImageItem]) -> None:
     data = _data(train_items, caption_dropout_every_n_epochs=2)
     for epoch in (1, 2, 3, 4):

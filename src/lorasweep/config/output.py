@@ -49,6 +49,10 @@ class OutputConfig:
     """Save a numbered snapshot ``<name>-000001`` every N epochs (and the training state with
     ``save_state``); null = only the final file."""
 
+    save_every_n_steps: int | None = None
+    """Also save a snapshot ``<name>-step00000100`` every N optimizer steps (and the training state with
+    ``save_state``, so a crash loses at most N steps); null = none. kohya ``--save_every_n_steps``."""
+
     save_state: bool = False
     """With each save, also save the training state (LoRA, optimizer, scheduler, grad scaler, RNGs, data
     position) under ``state/`` for an exact resume. The frozen base is never stored."""
@@ -64,5 +68,6 @@ class OutputConfig:
         if suffix in (*FORMATS, "pth", "bin"):
             raise UserError(f"{key}.name", f"{self.name!r} ends in a file extension; output.format adds it.",
                             f"Use `{key}.name={self.name.rpartition('.')[0]}` and `{key}.format=<format>`.")
-        if self.save_every_n_epochs is not None:
-            check_range(f"{key}.save_every_n_epochs", self.save_every_n_epochs, low=1)
+        for sub in ("save_every_n_epochs", "save_every_n_steps"):
+            if getattr(self, sub) is not None:
+                check_range(f"{key}.{sub}", getattr(self, sub), low=1)

@@ -221,9 +221,13 @@ class TrainData:
         if self._loader is None:
             self._sampler = _EpochSampler(self.num_batches)
             workers = self.cfg.num_workers
+            # Every new iterator draws a base seed from the loader's generator: from the global torch RNG
+            # without one, which would shift LoRA dropout's draws whenever a resumed run starts its epoch
+            # iterator at another point than the uninterrupted run did. Nothing here uses that seed.
             self._loader = DataLoader(_Batches(self), batch_size=None, sampler=self._sampler,
                                       num_workers=workers, collate_fn=_identity,
-                                      persistent_workers=self.cfg.persistent_workers and workers > 0)
+                                      persistent_workers=self.cfg.persistent_workers and workers > 0,
+                                      generator=torch.Generator().manual_seed(self.seed))
         assert self._sampler is not None
         self._sampler.epoch, self._sampler.start = epoch, start_batch
         return self._loader

@@ -450,6 +450,8 @@ TABLE: tuple[LegacyKey, ...] = (
     # saving, state, logs
     _row("save_as", "save_model_as", "output.format",
          choice("output.format", {"safetensors": "safetensors", "ckpt": "ckpt", "pt": "pt"}, null="safetensors")),
+    _row(None, "save_every_n_steps", "output.save_every_n_steps", value("output.save_every_n_steps",
+                                                                        zero_is_null=True)),
     _row("save_state", "save_state", "output.save_state"),
     _row("load_previous_save_state", "resume", "resume.state_dir", _state_dir, aliases=("resume",),
          export=lambda cfg: cfg.resume.state_dir),

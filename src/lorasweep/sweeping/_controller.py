@@ -16,7 +16,6 @@ import importlib
 import logging
 import math
 import os
-import socket
 import time
 import traceback
 import warnings
@@ -35,9 +34,11 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from lorasweep.errors import UserError
+from lorasweep.liveness import is_alive, process_identity
 from lorasweep.sweeping.factories import grid_size, make_pruner, make_sampler, parse_directions
 from lorasweep.sweeping.space import SearchSpace, check_keys, format_value, parse_search_space
 from lorasweep.sweeping.storage import JOURNAL_FILE, SweepRecord, journal_url, open_storage
+from lorasweep.tracking.run_folder import close_interrupted_run
 
 log = logging.getLogger("lorasweep.sweep")
 
@@ -64,30 +65,12 @@ class Counts:
 
 def controller_id() -> str:
     """``host:pid:start`` of this process; lets a resumed sweep tell a dead controller's trials from live ones."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
-
-
-def _process_start(pid: int) -> str:
-    try:  # field 22 of /proc/<pid>/stat: start time since boot; a reused pid has another one
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "?"
+    return process_identity()
 
 
 def _alive(owner: str) -> bool:
     """False only when ``owner`` is a controller on this host that no longer runs."""
-    host, _, rest = owner.partition(":")
-    pid_text, _, start = rest.partition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return True  # another machine: cannot tell, leave its trials alone
-    pid = int(pid_text)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return start in ("?", _process_start(pid))
+    return is_alive(owner)
 
 
 def hydra_literal(value: Any) -> str:
@@ -436,29 +419,9 @@ class SweepProgress:
 
 def _close_interrupted(attrs: Mapping[str, Any]) -> None:
     """Give an interrupted trial's run folder and MLflow run a final state (its job died with the controller)."""
-    import json
-
-    from lorasweep.tracking.files import atomic_write_json
-
     run_dir = attrs.get("run_dir")
-    record_path = Path(str(run_dir)) / "run.json" if run_dir else None
-    tracking_uri = None
-    if record_path is not None and record_path.is_file():
-        record = json.loads(record_path.read_text())
-        tracking_uri = (record.get("mlflow") or {}).get("tracking_uri")
-        if record.get("status") == "RUNNING":
-            record.update(status="KILLED", error="interrupted: its sweep controller stopped while it ran")
-            atomic_write_json(record_path, record)
-    run_id = attrs.get("mlflow_run_id")
-    if run_id and tracking_uri:
-        from mlflow import MlflowClient
-
-        try:
-            client = MlflowClient(tracking_uri=tracking_uri)
-            client.set_tag(run_id, "optuna.state", "FAIL")
-            client.set_terminated(run_id, status="KILLED")
-        except Exception as error:  # the tracking server may be gone; the study is what matters here
-            log.warning("could not close MLflow run %s of an interrupted trial: %s", run_id, error)
+    close_interrupted_run(Path(str(run_dir)) if run_dir else None, "interrupted: its sweep controller stopped "
+                          "while it ran", mlflow_run_id=attrs.get("mlflow_run_id"), tags={"optuna.state": "FAIL"})
 
 
 def _save_multirun_yaml(config: DictConfig, sweep_dir: Path) -> None:

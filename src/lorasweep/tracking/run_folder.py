@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lorasweep.liveness import process_identity
 from lorasweep.tracking.files import atomic_write_json, atomic_write_text
 
 PACKAGES = ("lorasweep", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "mlflow",
@@ -66,6 +67,7 @@ class RunFolder:
 
     def start_record(self, **fields: Any) -> None:
         self.record.update(status="RUNNING", started_at=_now(), host=platform.node(), pid=os.getpid(),
+                           process=process_identity(),
                            python=platform.python_version(), packages=package_versions(), git=git_state(),
                            **fields)
         self.save_record()
@@ -91,3 +93,33 @@ def _now() -> str:
 
 def read_record(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+
+
+def close_interrupted_run(run_dir: Path | None, reason: str, *, mlflow_run_id: str | None = None,
+                          tags: dict[str, str] | None = None) -> None:
+    """Give a run whose process died (SIGKILL, power loss) a final state: ``run.json`` status KILLED with
+    ``reason``, its MLflow run KILLED (with ``tags``). A record that is already final is left alone."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    record_path = run_dir / "run.json" if run_dir is not None else None
+    tracking_uri = None
+    if record_path is not None and record_path.is_file():
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        tracking_uri = (record.get("mlflow") or {}).get("tracking_uri")
+        mlflow_run_id = mlflow_run_id or (record.get("mlflow") or {}).get("run_id")
+        if record.get("status") != "RUNNING":
+            return
+        record.update(status="KILLED", error=reason, finished_at=_now())
+        atomic_write_json(record_path, record)
+    if mlflow_run_id and tracking_uri:
+        from mlflow import MlflowClient
+
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri)
+            for key, value in (tags or {}).items():
+                client.set_tag(mlflow_run_id, key, value)
+            client.set_tag(mlflow_run_id, "lorasweep.error", reason)
+            client.set_terminated(mlflow_run_id, status="KILLED")
+        except Exception as error:  # the tracking server may be gone; the run folder is what matters here
+            log.warning("could not close MLflow run %s: %s", mlflow_run_id, error)

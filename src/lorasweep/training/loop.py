@@ -28,7 +28,7 @@ from lorasweep.models.loading import BaseModel
 from lorasweep.models.text import CaptionTokens, encode_tokens, tokenize
 from lorasweep.training.objective import training_target, weighted_loss
 from lorasweep.training.optim import build_lr_scheduler, build_optimizer, effective_learning_rates, warmup_steps
-from lorasweep.training.state import Position, SavedState, save_state, set_rng_states
+from lorasweep.training.state import Position, SavedState, data_fingerprint, save_state, set_rng_states
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class Recorder(Protocol):
 
     def progress(self, step: int, total: int, loss: float | None) -> None: ...
 
-    def snapshot(self, epoch: int, step: int, tensors: dict[str, torch.Tensor], plan: Plan) -> None: ...
+    def snapshot(self, epoch: int, step: int, tensors: dict[str, torch.Tensor], plan: Plan, *,
+                 by_step: bool = False) -> None:
+        """A numbered LoRA file: ``by_step`` for ``output.save_every_n_steps``, else for the end of ``epoch``."""
 
 
 @dataclass(frozen=True)
@@ -287,12 +289,14 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
 
         saved_states: list[Path] = []
 
+        data_digest = data_fingerprint([*train_items, *(reg_items or [])]) if cfg.output.save_state else None
+
         def checkpoint(at: Position) -> None:
             if cfg.output.save_state and state_root is not None:
                 saved_states.append(save_state(
                     state_root / f"step-{at.step:06d}", cfg=cfg, position=at, lora=lora_tensors(torch.float32),
                     optimizer=optimizer, scheduler=lr_scheduler, scaler=accelerator.scaler, generators=generators,
-                    extra={"val_history": history}))
+                    data_digest=data_digest, extra={"val_history": history}))
 
         step = position.step
         if step == 0:
@@ -316,6 +320,10 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         off_loop = 0.0  # time spent evaluating, sampling and saving, this interval (not training throughput)
         recorder.progress(step, total_steps, None)
         epoch, start_batch = position.epoch, position.batch
+        if start_batch > data.num_batches:  # a forced resume into a data set or batch size with fewer batches
+            epoch, start_batch = epoch + 1, 0
+        every_epochs, every_steps = cfg.output.save_every_n_epochs, cfg.output.save_every_n_steps
+        step_save_due = False
         while step < total_steps:
             for batch_index, batch in enumerate(data.loader(epoch, start_batch=start_batch), start=start_batch):
                 data_wait += time.perf_counter() - fetch_start
@@ -381,16 +389,27 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                 if last:
                     checkpoint(Position(step, epoch, batch_index + 1))
                     break
+                if every_steps and step % every_steps == 0:
+                    if batch_index + 1 < data.num_batches:
+                        recorder.snapshot(epoch, step, lora_tensors(save_dtype), plan, by_step=True)
+                        checkpoint(Position(step, epoch, batch_index + 1))
+                    else:  # the epoch's last batch: saved after the epoch's own snapshot, as of the next epoch
+                        step_save_due = True
                 off_loop += time.perf_counter() - off_start
                 fetch_start = time.perf_counter()
             else:  # the epoch ran to its end
-                every = cfg.output.save_every_n_epochs
-                if every and epoch % every == 0 and step < total_steps:
+                epoch_due = bool(every_epochs and epoch % every_epochs == 0 and step < total_steps)
+                if epoch_due or step_save_due:
                     off_start = time.perf_counter()
-                    recorder.snapshot(epoch, step, lora_tensors(save_dtype), plan)
+                    tensors = lora_tensors(save_dtype)
+                    if epoch_due:
+                        recorder.snapshot(epoch, step, tensors, plan)
+                    if step_save_due:
+                        recorder.snapshot(epoch, step, tensors, plan, by_step=True)
                     checkpoint(Position(step, epoch + 1, 0))
                     off_loop += time.perf_counter() - off_start
                     fetch_start = time.perf_counter()
+                step_save_due = False
             epoch += 1
             start_batch = 0
 

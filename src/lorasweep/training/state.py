@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from lorasweep.config.train import TrainConfig
+from lorasweep.data.dataset import ImageItem
 from lorasweep.errors import UserError
 
 LORA_FILE = "lora.safetensors"
@@ -64,6 +66,14 @@ def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
             node = node[part]
         out[key] = node
     return out
+
+
+def data_fingerprint(items: Sequence[ImageItem]) -> str:
+    """The data set as a resume must find it again: each image's concept folder, file name, size on disk,
+    caption, repeats and role. Cheap (no image is read) and independent of where the folder now lies."""
+    rows = sorted((it.concept, it.path.name, it.path.stat().st_size if it.path.exists() else -1, it.caption,
+                   it.repeats, it.is_reg) for it in items)
+    return _digest(rows)
 
 
 def _digest(value: Any) -> str:
@@ -105,9 +115,10 @@ def set_rng_states(states: dict[str, Any], generators: dict[str, torch.Generator
 
 def save_state(folder: Path, *, cfg: TrainConfig, position: Position, lora: dict[str, torch.Tensor],
                optimizer: Any, scheduler: Any, scaler: Any, generators: dict[str, torch.Generator],
-               extra: dict[str, Any] | None = None) -> Path:
+               data_digest: str | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write one state folder ``folder`` atomically (temporary sibling, then rename); never replaces one.
 
+    ``data_digest``: :func:`data_fingerprint` of the training (and regularisation) images.
     ``extra``: JSON-able run facts the continuation needs (e.g. the validation history so far)."""
     from safetensors.torch import save_file
 
@@ -126,7 +137,7 @@ def save_state(folder: Path, *, cfg: TrainConfig, position: Position, lora: dict
         fp = fingerprint(cfg)
         (tmp / STATE_FILE).write_text(json.dumps({
             "format": FORMAT_VERSION, "step": position.step, "epoch": position.epoch, "batch": position.batch,
-            "fingerprint": fp, "fingerprint_digest": _digest(fp),
+            "fingerprint": fp, "fingerprint_digest": _digest(fp), "data_digest": data_digest,
             "extra": extra or {}}, indent=2, sort_keys=True, default=str) + "\n")
         os.replace(tmp, folder)
     finally:
@@ -143,9 +154,12 @@ class SavedState:
     extra: dict[str, Any]
 
 
-def load_state_meta(folder: Path, cfg: TrainConfig) -> dict[str, Any]:
-    """Check a state folder against ``cfg`` (complete, same format, same trajectory-defining settings) and
-    return its ``state.json``; cheap, so ``preflight`` runs it before anything starts."""
+def load_state_meta(folder: Path, cfg: TrainConfig, data_digest: str | None = None) -> dict[str, Any]:
+    """Check a state folder against ``cfg`` and the data set (complete, same format, same trajectory-defining
+    settings and images) and return its ``state.json``; cheap, so ``preflight`` runs it before anything starts.
+
+    With ``resume.force`` a changed config or data set is accepted (``meta["forced"]`` lists what changed),
+    except for the LoRA's shape and the optimizer (``optimizer.name``), whose saved tensors could not be loaded."""
     key = "resume.state_dir"
     if not folder.is_dir():
         raise UserError(key, f"{folder} is not a folder.",
@@ -154,24 +168,41 @@ def load_state_meta(folder: Path, cfg: TrainConfig) -> dict[str, Any]:
     if missing:
         raise UserError(key, f"{folder} lacks {', '.join(missing)}, so it is not a complete training state.",
                         "Use another state folder of the run.")
-    meta: dict[str, Any] = json.loads((folder / STATE_FILE).read_text())
+    try:
+        meta: dict[str, Any] = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(key, f"{folder / STATE_FILE} cannot be read ({exc}).",
+                        "Use another state folder of the run.") from None
     if meta.get("format") != FORMAT_VERSION:
         raise UserError(key, f"{folder} has state format {meta.get('format')}, this lorasweep reads "
                         f"{FORMAT_VERSION}.", "Resume with the lorasweep version that saved it.")
     saved, now = meta["fingerprint"], fingerprint(cfg)
     changed = sorted(k for k in set(saved) | set(now) if _digest(saved.get(k)) != _digest(now.get(k)))
-    if changed:
-        raise UserError(key, f"the config differs from the saved run's in {', '.join(changed)}, so resuming would "
-                        "not continue that run.", "Resume with the run's own config.yaml (lorasweep resume RUN "
-                        "does), or start a new run with network.init_weights=<its LoRA> instead.")
-    return meta
+    if data_digest is not None and meta.get("data_digest") not in (None, data_digest):
+        changed.append("the data set (images added, removed, replaced or re-captioned)")
+    if not changed:
+        return meta
+    unforceable = [k for k in changed if k == "network"]
+    if (saved.get("optimizer") or {}).get("name") != (now.get("optimizer") or {}).get("name"):
+        unforceable.append("optimizer.name")
+    if cfg.resume.force and not unforceable:
+        return {**meta, "forced": changed}
+    if unforceable:
+        raise UserError(key, f"the config differs from the saved run's in {', '.join(changed)}; "
+                        f"{' and '.join(unforceable)} cannot change on resume (the saved LoRA and optimizer "
+                        "tensors would not fit).", "Resume with the run's own config.yaml, or start a new run "
+                        "with network.init_weights=<its LoRA> instead.")
+    raise UserError(key, f"the config differs from the saved run's in {', '.join(changed)}, so resuming would "
+                    "not continue that run.", "Resume with the run's own config.yaml (lorasweep resume RUN "
+                    "does) or start a new run with network.init_weights=<its LoRA>; to continue anyway with "
+                    "the changes, add resume.force=true (`lorasweep resume RUN --force`).")
 
 
-def load_state(folder: Path, cfg: TrainConfig) -> SavedState:
+def load_state(folder: Path, cfg: TrainConfig, data_digest: str | None = None) -> SavedState:
     """Read a state folder (checked by :func:`load_state_meta`) for the loop to continue from."""
     from safetensors.torch import load_file
 
-    meta = load_state_meta(folder, cfg)
+    meta = load_state_meta(folder, cfg, data_digest)
     training = torch.load(folder / TRAINING_FILE, map_location="cpu", weights_only=True)
     position = Position(int(meta["step"]), int(meta["epoch"]), int(meta["batch"]))
     return SavedState(folder, position, load_file(str(folder / LORA_FILE)), training, meta.get("extra", {}))
