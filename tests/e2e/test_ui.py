@@ -42,6 +42,12 @@ def test_ui_serves_the_store(tmp_path: Path) -> None:
                 time.sleep(0.5)
         assert body is not None, "the UI did not answer"
         assert "ui-check" in {e["name"] for e in body["experiments"]}
+        # Without --host it listens on the loopback address only (/proc/net/tcp: local address, state 0A = LISTEN).
+        listening = [fields[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                     if (fields := line.split())[3] == "0A" and fields[1].endswith(f":{port:04X}")]
+        assert listening and set(listening) == {f"0100007F:{port:04X}"}, listening
+        assert not [line for line in Path("/proc/net/tcp6").read_text().splitlines()[1:]
+                    if line.split()[3] == "0A" and line.split()[1].endswith(f":{port:04X}")]
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -109,8 +110,8 @@ def run_in_process(hydra_context: HydraContext, config: DictConfig, task_functio
     own = worker is None
     worker = worker or Worker()
     try:
-        with tempfile.TemporaryDirectory(prefix=f".job-{job_num}-", dir=sweep_dir) as tmp:
-            job_file, result_file = Path(tmp) / "job.pkl", Path(tmp) / "result.pkl"
+        with private_folder(sweep_dir, f"job-{job_num}") as tmp:
+            job_file, result_file = tmp / "job.pkl", tmp / "result.pkl"
             job_file.write_bytes(cloudpickle.dumps({
                 "hydra_context": hydra_context, "config": config, "task_function": task_function,
                 "overrides": overrides, "job_num": job_num, "singleton_state": Singleton.get_state()}))
@@ -120,6 +121,7 @@ def run_in_process(hydra_context: HydraContext, config: DictConfig, task_functio
                 return _failed(overrides, TrialProcessError(f"job {job_num} ran longer than "
                                                             f"hydra.launcher.timeout={timeout} s and was killed"))
             if result_file.is_file():
+                check_private(result_file.parent)
                 ret = cloudpickle.loads(result_file.read_bytes())
                 assert isinstance(ret, JobReturn)
                 return ret
@@ -129,6 +131,25 @@ def run_in_process(hydra_context: HydraContext, config: DictConfig, task_functio
     finally:
         if own and worker.alive:
             worker.close()
+
+
+@contextlib.contextmanager
+def private_folder(parent: Path, prefix: str) -> Iterator[Path]:
+    """A temporary folder under ``parent`` that only this user can enter (``mkdtemp``: mode 0700), removed
+    afterwards. Job and result files are pickles, which can run code when read, so they are only ever read
+    from such a folder: on a shared file system nobody else can plant or swap one."""
+    with tempfile.TemporaryDirectory(prefix=f".{prefix}-", dir=parent) as tmp:
+        folder = Path(tmp)
+        check_private(folder)
+        yield folder
+
+
+def check_private(folder: Path) -> None:
+    """Refuse a job folder another user owns or could write to."""
+    info = folder.stat()
+    if (hasattr(os, "getuid") and info.st_uid != os.getuid()) or info.st_mode & 0o077:
+        raise TrialProcessError(f"{folder} is not private to this user (mode {info.st_mode & 0o777:o}); job files "
+                                "are only read from a folder nobody else can write")
 
 
 def _failed(overrides: list[str], error: BaseException) -> JobReturn:
@@ -142,6 +163,7 @@ def _run_job_file(job_file: Path, result_file: Path) -> None:
     from hydra.core.utils import run_job, setup_globals
     from omegaconf import open_dict
 
+    check_private(job_file.parent)
     job: dict[str, Any] = cloudpickle.loads(job_file.read_bytes())
     setup_globals()
     Singleton.set_state(job["singleton_state"])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lorasweep.config.tracking import TrackingConfig
+from lorasweep.tracking.redact import redact
 
 MAX_PARAM_LENGTH = 6000
 BATCH = 100
@@ -56,7 +57,7 @@ class MlflowRun:
         self.experiment_id = self._experiment(cfg.experiment, output_root)
         if resume_run_id is None:
             self.run = self.client.create_run(self.experiment_id, run_name=cfg.run_name or run_name,
-                                              tags={**tags, **cfg.tags})
+                                              tags=redact({**tags, **cfg.tags}))
         else:
             self.client.update_run(resume_run_id, status="RUNNING")
             self.run = self.client.get_run(resume_run_id)
@@ -79,14 +80,15 @@ class MlflowRun:
             return found.experiment_id
 
     def log_params(self, params: Mapping[str, str]) -> None:
+        """Log ``params`` with secrets redacted (:mod:`lorasweep.tracking.redact`)."""
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in params.items()]
+        items = [Param(k, v) for k, v in redact(params).items()]
         for start in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, params=items[start:start + BATCH])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        for key, value in tags.items():
+        for key, value in redact(tags).items():
             self.client.set_tag(self.run_id, key, value)
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
