@@ -25,3 +25,18 @@ class UserError(Exception):
         if self.hint:
             text += f" {self.hint}"
         return text
+
+
+#: errno values of a file system that cannot take a write: full, over quota, read-only, refused, failing.
+STORAGE_ERRNOS = frozenset({28, 122, 30, 13, 1, 5})  # ENOSPC, EDQUOT, EROFS, EACCES, EPERM, EIO
+
+
+def storage_error(path: object, exc: OSError) -> UserError | None:
+    """A ``UserError`` for a write the file system refused (``None`` for other ``OSError``s, which are bugs):
+    nothing was replaced, so the earlier files are intact and the run can continue from its last state."""
+    if exc.errno not in STORAGE_ERRNOS:
+        return None
+    return UserError(str(path), f"could not be written: {exc.strerror or exc}. Nothing was replaced: the LoRA "
+                     "files and training states saved before are intact.",
+                     "Free space on that disk (or make it writable, or point output.root elsewhere) and continue "
+                     "with `lorasweep resume <run folder>` if it saved states (output.save_state=true).")

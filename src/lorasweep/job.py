@@ -297,11 +297,14 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
         folder.close()
         if board is not None:
             board.close()
-        detach_log_handlers(handlers)
-        if tracker is not None:
-            if reporter is not None:
-                tracker.set_tags({"optuna.state": {"FINISHED": "COMPLETE", "PRUNED": "PRUNED"}.get(status, "FAIL")})
-            _finish_tracking(tracker, folder, "KILLED" if status == "PRUNED" else status)
+        try:
+            if tracker is not None:
+                if reporter is not None:
+                    tracker.set_tags({"optuna.state": {"FINISHED": "COMPLETE", "PRUNED": "PRUNED"}.get(status,
+                                                                                                    "FAIL")})
+                _finish_tracking(tracker, folder, "KILLED" if status == "PRUNED" else status)
+        finally:
+            detach_log_handlers(handlers)  # after tracking: a gap in MLflow is reported on the console and in train.log
 
 
 def peak_rss_mib() -> float:
@@ -320,6 +323,16 @@ def _finish_tracking(tracker: MlflowRun, folder: RunFolder, status: str) -> None
     for lora in sorted(p for p in (folder.path / "lora").iterdir() if not p.name.startswith(".")):
         tracker.log_artifact(lora, "lora")
     tracker.end(status)
+    report = tracker.report()
+    if report["outages"]:
+        folder.update_record(tracking=report)
+    if not report["complete"]:
+        missing = ", ".join(f"{n} {kind}" for kind, n in report["unsent"].items() if n)
+        log.warning("MLflow at %s did not get everything of this run (%s%s; last error: %s). The run folder %s "
+                    "is complete: metrics.jsonl, samples/ and lora/ hold it all; run.json 'tracking' lists the gap.",
+                    report["uri"], missing or "nothing queued",
+                    "" if report["status_set"] else f", and its status is not {status} there",
+                    report["last_error"], folder.path)
 
 
 def export_lora(path: Path, export_dir: Path, run_name: str) -> Path:

@@ -31,7 +31,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lorasweep.errors import UserError
+from lorasweep import _faults
+from lorasweep.errors import UserError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,11 @@ def _write_new(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+            _faults.on_write(path, tmp)
+        except OSError as exc:
+            raise (storage_error(path, exc) or exc) from exc
         try:
             os.link(tmp, path)
         except FileExistsError:

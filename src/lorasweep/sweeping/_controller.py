@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 
 from lorasweep.errors import UserError
 from lorasweep.liveness import is_alive, process_identity
+from lorasweep.sweeping._process import TrialProcessError
 from lorasweep.sweeping.factories import grid_size, make_pruner, make_sampler, parse_directions
 from lorasweep.sweeping.space import SearchSpace, check_keys, format_value, parse_search_space
 from lorasweep.sweeping.storage import JOURNAL_FILE, SweepRecord, journal_url, open_storage
@@ -390,6 +391,11 @@ class SweepController:
                         if isinstance(error, BaseException) else str(error))
                 log.error("trial %d failed: %s", trial.number, text)
                 trial.set_user_attr("error", text[:4000])
+                if isinstance(error, TrialProcessError):  # it died (SIGKILL, OOM killer) before closing its run
+                    # The job process set the attrs: read them from the storage, not this trial's cached copy.
+                    stored = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+                    close_interrupted_run(_attr_path(stored.user_attrs.get("run_dir")), f"interrupted: {error}",
+                                          tags={"optuna.state": "FAIL"})
                 study.tell(trial, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             # Another controller resuming the study judged this trial interrupted and closed it.
@@ -417,10 +423,13 @@ class SweepProgress:
                  counts.running, counts.pruned, counts.failed, best)
 
 
+def _attr_path(value: Any) -> Path | None:
+    return Path(str(value)) if value else None
+
+
 def _close_interrupted(attrs: Mapping[str, Any]) -> None:
     """Give an interrupted trial's run folder and MLflow run a final state (its job died with the controller)."""
-    run_dir = attrs.get("run_dir")
-    close_interrupted_run(Path(str(run_dir)) if run_dir else None, "interrupted: its sweep controller stopped "
+    close_interrupted_run(_attr_path(attrs.get("run_dir")), "interrupted: its sweep controller stopped "
                           "while it ran", mlflow_run_id=attrs.get("mlflow_run_id"), tags={"optuna.state": "FAIL"})
 
 

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorasweep import _faults
 from lorasweep.config.train import TrainConfig
 from lorasweep.data.dataset import ImageItem
-from lorasweep.errors import UserError
+from lorasweep.errors import UserError, storage_error
 
 LORA_FILE = "lora.safetensors"
 TRAINING_FILE = "training.pt"
@@ -117,6 +118,7 @@ def save_state(folder: Path, *, cfg: TrainConfig, position: Position, lora: dict
                optimizer: Any, scheduler: Any, scaler: Any, generators: dict[str, torch.Generator],
                data_digest: str | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write one state folder ``folder`` atomically (temporary sibling, then rename); never replaces one.
+    A full or unwritable disk is a ``UserError`` that leaves the states saved before untouched.
 
     ``data_digest``: :func:`data_fingerprint` of the training (and regularisation) images.
     ``extra``: JSON-able run facts the continuation needs (e.g. the validation history so far)."""
@@ -128,18 +130,20 @@ def save_state(folder: Path, *, cfg: TrainConfig, position: Position, lora: dict
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    fp = fingerprint(cfg)
+    meta = {"format": FORMAT_VERSION, "step": position.step, "epoch": position.epoch, "batch": position.batch,
+            "fingerprint": fp, "fingerprint_digest": _digest(fp), "data_digest": data_digest, "extra": extra or {}}
     try:
+        tmp.mkdir()
         save_file({k: v.contiguous() for k, v in lora.items()}, str(tmp / LORA_FILE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": None if scaler is None else scaler.state_dict(),
                     "rng": rng_states(generators)}, tmp / TRAINING_FILE)
-        fp = fingerprint(cfg)
-        (tmp / STATE_FILE).write_text(json.dumps({
-            "format": FORMAT_VERSION, "step": position.step, "epoch": position.epoch, "batch": position.batch,
-            "fingerprint": fp, "fingerprint_digest": _digest(fp), "data_digest": data_digest,
-            "extra": extra or {}}, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        _faults.on_write(folder, tmp / STATE_FILE)
         os.replace(tmp, folder)
+    except OSError as exc:
+        raise (storage_error(folder, exc) or exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
