@@ -258,19 +258,6 @@ def test_two_controllers_share_one_study(tiny_model: Path, tmp_path: Path) -> No
     assert len(runs) == 3 and {r.data.params["trial.num_threads"] for r in runs} == {"1"}  # the user's, kept
 
 
-def test_joblib_launcher_runs_parallel_slots(tiny_model: Path, tmp_path: Path) -> None:
-    args = sweep_args(tmp_path, "joblib", "hydra.sweeper.n_trials=2", "hydra.sweeper.max_parallel=2",
-                      "hydra.launcher.n_jobs=2", "network.dim=choice(2,4)", "hydra.sweeper.sampler=grid",
-                      launcher="joblib")
-    proc = run_cli(args, cwd=tmp_path, env=ENV)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    study = load(tmp_path, "joblib")
-    assert sorted(t.params["network.dim"] for t in study.trials) == [2, 4]
-    assert all(t.state == TrialState.COMPLETE for t in study.trials)
-    a, b = study.trials
-    assert a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete  # overlapped
-
-
 def test_grid_multirun_reuses_one_worker_and_has_a_parent_run_and_a_report(tiny_model: Path,
                                                                            tmp_path: Path) -> None:
     """A grid (Hydra's sweeper) on the lorasweep_process launcher: one worker runs every job with the base model

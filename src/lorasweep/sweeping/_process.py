@@ -48,9 +48,14 @@ class Worker:
     """A child process that runs jobs on request: a line ``<job file>\\t<result file>`` on its stdin, the
     reply ``done`` on a private pipe once the result file is written. Closing stdin ends it."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | None = None) -> None:
+        """``device``: the one GPU this process may see (``CUDA_VISIBLE_DEVICES``), for its whole life: CUDA
+        reads the variable once, when the process first touches the GPU."""
         reply_read, reply_write = os.pipe()
         env = {**os.environ, _REPLY_FD_ENV: str(reply_write)}
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        self.device = device
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
         self.process = subprocess.Popen([sys.executable, "-m", "lorasweep.sweeping._process"], stdin=subprocess.PIPE,
                                         pass_fds=(reply_write,), preexec_fn=preexec, env=env)
@@ -112,22 +117,18 @@ def run_in_process(hydra_context: HydraContext, config: DictConfig, task_functio
     try:
         with private_folder(sweep_dir, f"job-{job_num}") as tmp:
             job_file, result_file = tmp / "job.pkl", tmp / "result.pkl"
-            job_file.write_bytes(cloudpickle.dumps({
-                "hydra_context": hydra_context, "config": config, "task_function": task_function,
-                "overrides": overrides, "job_num": job_num, "singleton_state": Singleton.get_state()}))
+            job_file.write_bytes(job_payload(hydra_context, config, task_function, overrides, job_num))
             try:
                 worker.run(job_file, result_file, timeout)
             except subprocess.TimeoutExpired:
-                return _failed(overrides, TrialProcessError(f"job {job_num} ran longer than "
+                return failed_return(overrides, TrialProcessError(f"job {job_num} ran longer than "
                                                             f"hydra.launcher.timeout={timeout} s and was killed"))
             if result_file.is_file():
                 check_private(result_file.parent)
-                ret = cloudpickle.loads(result_file.read_bytes())
-                assert isinstance(ret, JobReturn)
-                return ret
+                return load_return(result_file.read_bytes())
             code = worker.process.wait()
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code} without a result"
-            return _failed(overrides, TrialProcessError(f"the process of job {job_num} {how}"))
+            return failed_return(overrides, TrialProcessError(f"the process of job {job_num} {how}"))
     finally:
         if own and worker.alive:
             worker.close()
@@ -152,19 +153,27 @@ def check_private(folder: Path) -> None:
                                 "are only read from a folder nobody else can write")
 
 
-def _failed(overrides: list[str], error: BaseException) -> JobReturn:
+def failed_return(overrides: list[str], error: BaseException) -> JobReturn:
     ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
     ret._return_value = error
     return ret
 
 
-def _run_job_file(job_file: Path, result_file: Path) -> None:
+def job_payload(hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction,
+                overrides: list[str], job_num: int) -> bytes:
+    """Everything a job needs in another process (Hydra's context and singletons, the task), pickled."""
+    return cloudpickle.dumps({"hydra_context": hydra_context, "config": config, "task_function": task_function,
+                              "overrides": overrides, "job_num": job_num, "singleton_state": Singleton.get_state()})
+
+
+def run_payload(payload: bytes) -> bytes:
+    """Run the job of :func:`job_payload` in this process and return its pickled ``JobReturn`` (an unpicklable
+    return value or exception is replaced by its text)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import run_job, setup_globals
     from omegaconf import open_dict
 
-    check_private(job_file.parent)
-    job: dict[str, Any] = cloudpickle.loads(job_file.read_bytes())
+    job: dict[str, Any] = cloudpickle.loads(payload)
     setup_globals()
     Singleton.set_state(job["singleton_state"])
     hydra_context: HydraContext = job["hydra_context"]
@@ -177,10 +186,21 @@ def _run_job_file(job_file: Path, result_file: Path) -> None:
                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
     ret.hydra_cfg = None  # not needed by the sweeper, and large
     try:
-        data = cloudpickle.dumps(ret)
+        return cloudpickle.dumps(ret)
     except Exception as exc:  # an unpicklable return value or exception: keep its text
         ret._return_value = RuntimeError(f"{type(ret._return_value).__name__}: {ret._return_value} ({exc})")
-        data = cloudpickle.dumps(ret)
+        return cloudpickle.dumps(ret)
+
+
+def load_return(data: bytes) -> JobReturn:
+    ret = cloudpickle.loads(data)
+    assert isinstance(ret, JobReturn)
+    return ret
+
+
+def _run_job_file(job_file: Path, result_file: Path) -> None:
+    check_private(job_file.parent)
+    data = run_payload(job_file.read_bytes())
     tmp = result_file.with_suffix(".tmp")
     tmp.write_bytes(data)
     tmp.replace(result_file)

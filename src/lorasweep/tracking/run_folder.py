@@ -67,7 +67,7 @@ class RunFolder:
 
     def start_record(self, **fields: Any) -> None:
         self.record.update(status="RUNNING", started_at=_now(), host=platform.node(), pid=os.getpid(),
-                           process=process_identity(),
+                           process=process_identity(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                            python=platform.python_version(), packages=package_versions(), git=git_state(),
                            **fields)
         self.save_record()
