@@ -25,9 +25,16 @@ class TrackingConfig:
     tags: dict[str, str] = field(default_factory=dict)
     """Extra tags set on the MLflow run."""
 
+    retry_after_s: float = 20.0
+    """While the tracking server does not answer mid-run, try it again at most this often (seconds). Training
+    goes on meanwhile; each try can cost a few seconds of MLflow's own HTTP retries, so a small value slows
+    training during an outage, a large one delays when queued metrics arrive after it."""
+
     tensorboard_dir: str | None = None
     """Also write TensorBoard event files (loss, learning rates, validation loss) into
     ``<tensorboard_dir>/<run name>``. Seed: ``log_dir``; kohya ``--logging_dir``."""
 
     def validate(self, key: str = "tracking") -> None:
-        return None
+        from lorasweep.config._checks import check_range
+
+        check_range(f"{key}.retry_after_s", self.retry_after_s, low=0.0)

@@ -4,8 +4,9 @@ inherited ``MLFLOW_RUN_ID`` or a parent process's active run cannot capture our 
 A tracking server that goes away mid-run must not stop training: the run folder is the record of truth and
 MLflow a copy. Once the run exists, a failed call starts an *outage*: metrics stay queued (in order, with
 their steps) and are sent when the server answers again; images and artifacts that could not be sent are
-counted (the run folder has them). During an outage a call is retried at most every ``RETRY_AFTER_S``
-seconds, and MLflow's own HTTP retries are kept short, so training loses seconds, not minutes.
+counted (the run folder has them). During an outage a call is retried at most every
+``tracking.retry_after_s`` seconds, and MLflow's own HTTP retries are kept short, so training loses seconds,
+not minutes.
 :meth:`MlflowRun.report` says what never arrived; the job writes it to ``run.json``.
 """
 
@@ -23,7 +24,6 @@ from lorasweep.tracking.redact import redact
 
 MAX_PARAM_LENGTH = 6000
 BATCH = 100
-RETRY_AFTER_S = 20.0
 #: MLflow's HTTP retry defaults (7 retries, backoff factor 2, 120 s timeout) hold a failing call for minutes.
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -80,6 +80,7 @@ class MlflowRun:
             self.client.update_run(resume_run_id, status="RUNNING")
             self.run = self.client.get_run(resume_run_id)
         self.run_id: str = self.run.info.run_id
+        self.retry_after_s = cfg.retry_after_s
         self._pending: list[Any] = []
         self._retry_at = 0.0
         self.outage: str | None = None
@@ -118,7 +119,7 @@ class MlflowRun:
                 log.warning("MLflow at %s stopped answering (%s); training goes on, metrics are queued and "
                             "the run folder keeps everything", self.uri, str(exc).splitlines()[0][:300])
             self.outage = str(exc).splitlines()[0][:500]
-            self._retry_at = time.monotonic() + RETRY_AFTER_S
+            self._retry_at = time.monotonic() + self.retry_after_s
             return False
         if self.outage is not None:
             log.warning("MLflow at %s answers again; sending %d queued metric values", self.uri, len(self._pending))
@@ -146,7 +147,7 @@ class MlflowRun:
         self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
 
     def flush(self, *, force: bool = False) -> None:
-        """Send queued metrics; during an outage only every ``RETRY_AFTER_S`` (or when ``force``)."""
+        """Send queued metrics; during an outage only every ``retry_after_s`` (or when ``force``)."""
         while self._pending:
             chunk = self._pending[:1000]
             if not self._send(self.client.log_batch, self.run_id, metrics=chunk, force=force):
