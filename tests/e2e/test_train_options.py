@@ -188,8 +188,7 @@ def test_killed_mid_epoch_then_resumed_is_the_uninterrupted_run(stateful_run: Pa
     assert (positions["step-000024"]["epoch"], positions["step-000024"]["batch"]) == (2, 0)  # an epoch's end
     assert (positions["step-000036"]["epoch"], positions["step-000036"]["batch"]) == (2, 12)  # mid-epoch
 
-    proc = run_cli(["resume", str(killed)], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert main_in(tmp_path, ["resume", str(killed)]) == 0
     resumed = next(p for p in (tmp_path / "outputs" / "runs").iterdir() if p.name.endswith("-resume"))
     uninterrupted = stateful_run
     final = {name: load_file(run / "lora" / "lora.safetensors") for name, run in
