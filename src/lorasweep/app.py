@@ -8,9 +8,10 @@ here, at composition (see :func:`compose`), for single runs and for each job of 
 from __future__ import annotations
 
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,6 +19,8 @@ from lorasweep.config.paths import conf_dir
 from lorasweep.errors import UserError
 
 if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
+
     from lorasweep.config.train import TrainConfig
     from lorasweep.legacy.convert import Conversion
 
@@ -46,15 +49,28 @@ class Composed:
     cfg: DictConfig
     legacy: Conversion | None = None
     user_overrides: tuple[str, ...] = ()
+    hydra: DictConfig | None = None
+    """Hydra's own node of the composition (``runtime.choices``, ``run.dir``, ``sweeper``), kept apart from
+    ``cfg`` so that ``cfg`` is exactly the training config."""
 
-    def train_config(self) -> TrainConfig:
-        """The typed, validated config; an error caused by a legacy setting names that setting and file."""
+    def train_config(self, swept: Collection[str] = ()) -> TrainConfig:
+        """The typed, validated config; an error caused by a legacy setting names that setting and file.
+        ``swept``: the keys a multirun sets per job (not known yet here)."""
         from lorasweep.config.train import to_train_config
 
         try:
-            return to_train_config(self.cfg)
+            tc = to_train_config(self.cfg)
         except UserError as exc:
             raise self.blame(exc) from None
+        choices = OmegaConf.select(self.hydra, "runtime.choices", default=None) if self.hydra is not None else None
+        if (choices is not None and choices.get("data") == "folder" and not tc.data.train_dir
+                and not {"data", "data.train_dir", "legacy.load_json_path"} & set(swept)):
+            # conf/data/folder.yaml's `???` does not survive the merge onto the schema's null default, which
+            # would train on the built-in synthetic set instead of the user's images.
+            raise UserError("data.train_dir", "is not set, but data=folder trains on your own images.",
+                            "Add data.train_dir=<your image folder> (kohya layout: <repeats>_<concept>/ "
+                            "sub-folders), or leave out data=folder to train on the built-in synthetic set.")
+        return tc
 
     def blame(self, exc: UserError) -> UserError:
         """``exc`` with the legacy setting behind its key named, unless the user's own override set that key."""
@@ -75,8 +91,19 @@ def _with_search_path(overrides: list[str], folder: Path) -> list[str]:
     return [*overrides, f"hydra.searchpath={hydra_value([url])}"]
 
 
-def _compose(overrides: list[str], config_name: str, config_dir: str | None) -> DictConfig:
-    """Compose with Hydra, turning composition errors into UserErrors.
+def _split_hydra(cfg: DictConfig) -> tuple[DictConfig, DictConfig]:
+    """(the training config, Hydra's node) of a composition made with ``return_hydra_config=True`` (nothing in
+    it is resolved, so ``hydra.run.dir``'s resolver creates no folder)."""
+    from omegaconf import open_dict
+
+    hydra_node = cfg.hydra
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, hydra_node
+
+
+def _compose(overrides: list[str], config_name: str, config_dir: str | None) -> tuple[DictConfig, DictConfig]:
+    """Compose with Hydra, turning composition errors into UserErrors; returns (config, Hydra's node).
 
     Inside a running Hydra app (a multirun's job) the app's own search path is used; otherwise a
     ``--config-dir`` is the primary folder with lorasweep's ``conf/`` on the search path (for ``train``).
@@ -91,12 +118,13 @@ def _compose(overrides: list[str], config_name: str, config_dir: str | None) -> 
     register()
     try:
         if GlobalHydra.instance().is_initialized():
-            return compose(config_name, overrides=overrides)
+            return _split_hydra(compose(config_name, overrides=overrides, return_hydra_config=True))
         if config_dir is None:
             with initialize_config_dir(config_dir=str(conf_dir()), version_base=VERSION_BASE, job_name="train"):
-                return compose(config_name, overrides=overrides)
+                return _split_hydra(compose(config_name, overrides=overrides, return_hydra_config=True))
         with initialize_config_dir(config_dir=config_dir, version_base=VERSION_BASE, job_name="train"):
-            return compose(config_name, overrides=_with_search_path(overrides, conf_dir()))
+            return _split_hydra(compose(config_name, overrides=_with_search_path(overrides, conf_dir()),
+                                        return_hydra_config=True))
     except MissingConfigException as exc:
         if exc.missing_cfg_file == config_name and config_name != CONFIG_NAME:
             raise UserError("--config-name", f"there is no {config_name}.yaml in "
@@ -125,22 +153,22 @@ def compose(overrides: list[str], *, config_name: str = CONFIG_NAME, config_dir:
     from lorasweep.legacy.convert import convert_file
     from lorasweep.legacy.schema import BadValue
 
-    cfg = _compose(overrides, config_name, config_dir)
+    cfg, hydra_node = _compose(overrides, config_name, config_dir)
     path = OmegaConf.select(cfg, "legacy.load_json_path")
     if not path:
-        return Composed(cfg, None, tuple(overrides))
+        return Composed(cfg, None, tuple(overrides), hydra_node)
     skip = [str(s) for s in OmegaConf.select(cfg, "legacy.json_load_skip_list") or []]
     conversion = convert_file(Path(str(path)).expanduser(), skip, where="legacy.load_json_path")
     try:
         legacy_overrides = conversion.overrides(overrides)
     except BadValue as exc:
         raise UserError(str(conversion.path), f"{exc}.", "") from None
-    composed = Composed(cfg, conversion, tuple(overrides))
+    composed = Composed(cfg, conversion, tuple(overrides), hydra_node)
     try:
-        return Composed(_compose([*legacy_overrides, *overrides], config_name, config_dir), conversion,
-                        tuple(overrides))
+        full, full_hydra = _compose([*legacy_overrides, *overrides], config_name, config_dir)
     except UserError as exc:
         raise composed.blame(exc) from None
+    return Composed(full, conversion, tuple(overrides), full_hydra)
 
 
 def compose_config(overrides: list[str], *, config_name: str = CONFIG_NAME,
@@ -165,16 +193,103 @@ def job_config(cfg: DictConfig) -> DictConfig:
     return compose([*search, *hydra_cfg.overrides.task], config_name=str(hydra_cfg.job.config_name)).cfg
 
 
-def check_multirun(overrides: list[str], *, config_name: str = CONFIG_NAME, config_dir: str | None = None) -> None:
-    """Compose a multirun's config without its sweep overrides (``a=1,2``, ``b=choice(...)``), so grammar
-    mistakes, unknown keys and values Hydra cannot merge are one paragraph before anything starts; each
-    sweep value is checked by the sweeper or by its job, except legacy files (``lorasweep queue``): each of
-    those is read and checked here, so a bad file stops the queue before anything trains."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+#: Values of one swept key that ``check_multirun`` validates: all of a short list, else its first and last ones.
+_CHECKED_SWEEP_VALUES = 16
+#: Swept keys whose values ``check_multirun`` composes anew, besides config groups: they set other keys.
+_COMPOSED_KEYS = frozenset({"legacy.load_json_path"})
+
+
+def _refuse_used_folder(key: str, hydra_node: DictConfig | None) -> None:
+    """``hydra.run.dir``/``hydra.sweep.dir`` set by the user to a file or a folder that holds files: Hydra would
+    write into it (and its jobs over each other's files). The defaults make a new folder per run."""
+    if hydra_node is None:
+        return
+    parent_key, _, leaf = key.removeprefix("hydra.").rpartition(".")
+    node = OmegaConf.select(hydra_node, parent_key)
+    # `leaf in node` would resolve the value, and hydra.run.dir's resolver creates the folder it names.
+    child = node._get_node(leaf) if isinstance(node, DictConfig) else None
+    raw = child._value() if child is not None else None
+    if not isinstance(raw, str) or "${" in raw:  # the defaults and other interpolations are fresh folders
+        return
+    path = Path(raw).expanduser()
+    hint = (f"Give a new or empty folder, or leave {key} unset (each run then gets a new folder under "
+            "output.root); nothing in an existing folder is overwritten.")
+    if path.exists() and not path.is_dir():
+        raise UserError(key, f"{path} is a file, not a folder.", hint)
+    if path.is_dir() and any(path.iterdir()):
+        raise UserError(key, f"{path} already exists and is not empty.", hint)
+
+
+def _check_sweeper_keys(hydra_node: DictConfig | None) -> None:
+    """A key added to ``hydra.sweeper`` with ``++`` that the sweeper does not have would be silently ignored."""
+    import dataclasses
+    import difflib
+
+    sweeper = OmegaConf.select(hydra_node, "sweeper") if hydra_node is not None else None
+    schema = OmegaConf.get_type(sweeper) if isinstance(sweeper, DictConfig) else None
+    if schema is None or not dataclasses.is_dataclass(schema):
+        return
+    known = [f.name for f in dataclasses.fields(schema)]
+    settings = ", ".join(k for k in known if not k.startswith("_"))
+    for name in sweeper:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f"Did you mean `hydra.sweeper.{close[0]}`? " if close else ""
+            raise UserError(f"hydra.sweeper.{name}", f"is not a setting of this sweeper ({schema.__name__}), so "
+                            "it would be ignored.", f"{hint}Its settings: {settings}.")
+
+
+def _sweep_values(override: Override) -> list[Any]:
+    """The values of a discrete sweep override (all of a short list, else its first and last ones)."""
     from hydra.core.override_parser.types import QuotedString
+
+    values = [v.text if isinstance(v, QuotedString) else v for v in override.sweep_iterator()]
+    if len(values) > _CHECKED_SWEEP_VALUES:
+        half = _CHECKED_SWEEP_VALUES // 2
+        values = values[:half] + values[-half:]
+    return values
+
+
+def _check_grid_values(composed: Composed, fixed: list[str], swept: list[Override], *, config_name: str,
+                       config_dir: str | None) -> None:
+    """Each value of each swept key of a grid (Hydra's basic sweeper), on top of the fixed config: a bad one
+    would otherwise stop its job after the sweep folder and its MLflow parent run exist. A config group or a
+    legacy file is composed anew; a plain key is set on the fixed config (much cheaper than Hydra)."""
+    import copy
+
+    from lorasweep.config.errors import omegaconf_errors_as_user_errors
+    from lorasweep.legacy.convert import hydra_value
+
+    for override in swept:
+        key = override.key_or_group
+        if not override.is_discrete_sweep():
+            raise UserError(key, f"is `{override.input_line}`, which Hydra's grid sweeper cannot enumerate "
+                            "(it takes lists of values).", "Give comma-separated values, choice(...) or "
+                            "range(...); for intervals use an Optuna sweep (`lorasweep sweep PRESET` or "
+                            "hydra/sweeper=lorasweep_optuna).")
+        compose_each = key in _COMPOSED_KEYS or override.package is not None or "." not in key
+        for value in _sweep_values(override):
+            if compose_each:
+                compose([*fixed, f"{override.get_key_element()}={hydra_value(value)}"], config_name=config_name,
+                        config_dir=config_dir).train_config()
+                continue
+            cfg = copy.deepcopy(composed.cfg)
+            with omegaconf_errors_as_user_errors():  # an unknown key, a value of the wrong type
+                OmegaConf.update(cfg, key, value, merge=False)
+            Composed(cfg, composed.legacy, composed.user_overrides, composed.hydra).train_config()
+
+
+def check_multirun(overrides: list[str], *, config_name: str = CONFIG_NAME, config_dir: str | None = None) -> None:
+    """Check a multirun before Hydra starts: compose its config without the sweep overrides (``a=1,2``,
+    ``b=choice(...)``), so grammar mistakes, unknown keys and values Hydra cannot merge are one paragraph before
+    anything starts; refuse unknown sweeper settings and a used output folder. The lorasweep Optuna sweeper
+    checks its search space itself; for a grid, every swept value is checked here (legacy files of ``lorasweep
+    queue`` included: a bad file stops the queue before anything trains), and the fixed config's paths and
+    stores by ``preflight``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    from lorasweep.legacy.convert import hydra_value
+    from lorasweep.sweeping.callback import OUR_SWEEPER
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -182,8 +297,10 @@ def check_multirun(overrides: list[str], *, config_name: str = CONFIG_NAME, conf
         raise UserError("command line", " ".join(str(exc).split()),
                         "Quote sweep expressions for the shell, e.g. optimizer.lr='interval(1e-4, 1e-2)'.") from None
     fixed = [text for text, override in zip(overrides, parsed, strict=True) if not override.is_sweep_override()]
+    swept = [override for override in parsed if override.is_sweep_override()]
     try:
-        tc = compose(fixed, config_name=config_name, config_dir=config_dir).train_config()
+        composed = compose(fixed, config_name=config_name, config_dir=config_dir)
+        tc = composed.train_config(swept=[o.key_or_group for o in swept])
     except UserError as exc:
         group, _, name = exc.where.rpartition(".")
         if exc.where.startswith("hydra.sweeper.params."):
@@ -197,13 +314,14 @@ def check_multirun(overrides: list[str], *, config_name: str = CONFIG_NAME, conf
     if tc.legacy.save_json_only:
         raise UserError("legacy.save_json_only", "writes the config files of one run and cannot be part of a "
                         "multirun.", "Run it without -m (once per setting).")
-    for override in parsed:
-        if override.is_sweep_override() and override.key_or_group == "legacy.load_json_path" \
-                and override.is_discrete_sweep():
-            for item in override.sweep_iterator():
-                path = item.text if isinstance(item, QuotedString) else str(item)
-                compose([*fixed, f"legacy.load_json_path={hydra_value(path)}"], config_name=config_name,
-                        config_dir=config_dir).train_config()
+    _check_sweeper_keys(composed.hydra)
+    if str(OmegaConf.select(composed.hydra, "sweeper._target_", default="")) == OUR_SWEEPER:
+        return  # the sweeper checks its search space, then runs preflight, before its first trial
+    _refuse_used_folder("hydra.sweep.dir", composed.hydra)
+    _check_grid_values(composed, fixed, swept, config_name=config_name, config_dir=config_dir)
+    from lorasweep.job import preflight
+
+    preflight(tc)
 
 
 def report_user_error(exc: UserError) -> int:
@@ -319,6 +437,7 @@ def train_main(args: list[str]) -> int:
                 tc = composed.train_config()
                 if tc.legacy.save_json_only:
                     return _save_json_only(tc)
+                _refuse_used_folder("hydra.run.dir", composed.hydra)
                 try:
                     checked = preflight(tc)
                 except UserError as exc:

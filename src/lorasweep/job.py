@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SYNTHETIC_DIR = "data/synthetic-zorb"
+TRACKING_CHECK_TIMEOUT_S = 5.0
+"""How long preflight waits for a tracking server to answer before refusing the run."""
 
 
 @dataclass(frozen=True)
@@ -94,15 +96,115 @@ def resolve_train_dir(cfg: TrainConfig) -> Path:
     return write_concept_dataset(cache_root(cfg.model.cache_dir) / SYNTHETIC_DIR)
 
 
+def check_writable_dir(key: str, folder: Path, hint: str) -> None:
+    """Refuse ``folder`` (named by config key ``key``) unless it is, or could be created as, a folder this user
+    can write to. Nothing is created: a run that is refused leaves no trace."""
+    existing = folder
+    while not existing.exists():
+        if existing.is_symlink():  # a dangling link: creating the folder would fail
+            raise UserError(key, f"{folder} is not writable: {existing} is a broken symbolic link.", hint)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(key, f"{folder} is not writable: {existing} is a file, not a folder.", hint)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(key, f"{folder} is not writable: {existing} does not let this user create files.", hint)
+
+
 def check_output_root(root: Path) -> None:
+    check_writable_dir("output.root", root, "Choose a folder you can write to with `output.root=<path>`.")
+
+
+def _check_output_folders(tc: TrainConfig) -> None:
+    """``output.root`` and every other folder a run writes into, before anything is written."""
+    check_output_root(Path(tc.output.root))
+    for key, value in (("output.export_dir", tc.output.export_dir),
+                       ("tracking.tensorboard_dir", tc.tracking.tensorboard_dir),
+                       ("legacy.save_json_folder", tc.legacy.save_json_folder)):
+        if value:
+            check_writable_dir(key, Path(value).expanduser(), f"Choose a folder you can write to with `{key}=<path>`, "
+                               "or leave it null.")
+
+
+def _check_init_weights(tc: TrainConfig) -> None:
+    """``network.init_weights``: a readable kohya LoRA whose rank is ``network.dim`` (header only, cheap); a
+    damaged file or the wrong rank would otherwise stop the run after the base model has loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    key = "network.init_weights"
+    if not tc.network.init_weights:
+        return
+    path = Path(tc.network.init_weights).expanduser()
+    hint = "Point it at a kohya-format LoRA .safetensors file (e.g. a run's lora/lora.safetensors), or set it to null."
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".lorasweep-write-test-{time.time_ns()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError("output.root", f"{root} is not writable ({exc.strerror or exc}).",
-                        "Choose a folder you can write to with `output.root=<path>`.") from None
+        with safe_open(str(path), framework="pt") as handle:
+            ranks = {handle.get_slice(name).get_shape()[0] for name in handle.keys()  # noqa: SIM118
+                     if name.startswith(("lora_unet_", "lora_te")) and name.endswith(".lora_down.weight")}
+    except (SafetensorError, OSError, ValueError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(key, f"{path} is not a readable .safetensors file ({detail}); it may be truncated or "
+                        "damaged.", hint) from None
+    if not ranks:
+        raise UserError(key, f"{path} holds no kohya LoRA weights (no lora_unet_*/lora_te*.lora_down.weight "
+                        "tensors).", hint)
+    if ranks != {tc.network.dim}:
+        raise UserError(key, f"{path} has rank {', '.join(map(str, sorted(ranks)))}, but network.dim is "
+                        f"{tc.network.dim}.", f"Set network.dim={max(ranks)} to continue from that LoRA, or "
+                        "leave network.init_weights null.")
+
+
+def check_tracking_uri(tc: TrainConfig) -> None:
+    """The MLflow store answers (an ``http(s)`` server) or can be created (a ``sqlite`` file, a local folder),
+    without importing MLflow: an unreachable store would otherwise fail after the run folder exists. The
+    default (``<output.root>/mlflow.db``) is covered by the ``output.root`` check."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not tc.tracking.enabled:
+        return
+    if tc.tracking.uri:
+        key, uri = "tracking.uri", tc.tracking.uri
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        key, uri = "MLFLOW_TRACKING_URI (environment)", os.environ["MLFLOW_TRACKING_URI"]
+    else:
+        return
+    off = "or set tracking=off (tracking.enabled=false) to train without MLflow."
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        from lorasweep.tracking.redact import redact_value
+
+        shown = redact_value(uri, [])
+        try:  # credentials stay out of the request and the message
+            shown = urlunsplit((parts.scheme, (parts.hostname or "") + (f":{parts.port}" if parts.port else ""),
+                                parts.path, "", ""))
+            with urllib.request.urlopen(f"{shown.rstrip('/')}/health", timeout=TRACKING_CHECK_TIMEOUT_S):
+                pass
+        except urllib.error.HTTPError:
+            return  # it answers (perhaps asking for credentials): a server is there
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise UserError(key, f"the MLflow server {shown} cannot be reached ({reason}).",
+                            f"Start it (`mlflow server --host 127.0.0.1 --port <port>`), fix the URI, {off}") from None
+        return
+    if scheme == "sqlite":
+        database = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+        if not database or database == ":memory:":
+            return
+        path = Path(database)
+        if path.is_dir():
+            raise UserError(key, f"{path} is a folder; a sqlite tracking URI names the database file.",
+                            f"Use e.g. `tracking.uri=sqlite:///{path / 'mlflow.db'}`, {off}")
+        if not path.parent.exists():
+            raise UserError(key, f"the folder {path.parent} of the sqlite database {path.name} does not exist.",
+                            f"Create it, point the URI at an existing folder (sqlite:////abs/path/mlflow.db), "
+                            f"leave tracking.uri null for <output.root>/mlflow.db, {off}")
+        check_writable_dir(key, path.parent, f"Point the URI at a folder you can write to, {off}")
+        return
+    if scheme in ("", "file"):
+        check_writable_dir(key, Path(parts.path if scheme else uri).expanduser(),
+                           f"Point it at a folder you can write to, {off}")
 
 
 def preflight(cfg: DictConfig | TrainConfig) -> CheckedInputs:
@@ -112,7 +214,8 @@ def preflight(cfg: DictConfig | TrainConfig) -> CheckedInputs:
 
     tc = cfg if isinstance(cfg, TrainConfig) else to_train_config(cfg)
     resolve_base(tc.model)
-    check_output_root(Path(tc.output.root))
+    _check_output_folders(tc)
+    check_tracking_uri(tc)
     train_dir = resolve_train_dir(tc)
     scan = scan_folder(train_dir, tc.data.caption_extension)
     reg_items: list[ImageItem] = []
@@ -120,13 +223,11 @@ def preflight(cfg: DictConfig | TrainConfig) -> CheckedInputs:
         reg_items = scan_folder(Path(tc.data.reg_dir).expanduser(), tc.data.caption_extension, "data.reg_dir",
                                 is_reg=True).items
     check_keep_tokens(scan.items, tc.data)
+    _check_init_weights(tc)
     from lorasweep.data.loader import TrainData  # torch: only once the folders are known to be good
 
     TrainData(scan.items, reg_items, tc.data, seed=tc.training.seed, batch_size=tc.training.batch_size,
               prior_loss_weight=tc.training.prior_loss_weight)  # bucket fits: a too-small image fails here
-    if tc.network.init_weights and not Path(tc.network.init_weights).expanduser().is_file():
-        raise UserError("network.init_weights", f"{tc.network.init_weights} is not a file.",
-                        "Point it at a LoRA .safetensors file, or set it to null.")
     # Regularisation images are never held out: the validation loss measures the concept being learned.
     train_items, val_items = split_validation(scan.items, tc.validation.split, tc.validation.seed)
     checked = CheckedInputs(tc, train_dir, train_items, val_items, scan.missing_captions, tuple(reg_items))

@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: scanning a folder
 #: EXIF orientations that rotate by 90°: the displayed width and height are the stored ones swapped.
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION = 0x0112
+_DECODE_TO_CHECK = frozenset({"JPEG", "MPO", "BMP"})
+"""Formats whose truncation only decoding shows (see :func:`probe_image`)."""
 _READ_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
 
 #: kohya's ``AugHelper.color_aug``: how often it acts, and its hue shift in OpenCV units (half-degrees).
@@ -38,8 +40,12 @@ def _unreadable(path: Path, exc: BaseException) -> UserError:
 def probe_image(path: Path) -> tuple[int, int]:
     """The displayed (width, height) from the file header, after checking the file is an intact image.
 
-    Cheap: nothing is decoded. EXIF rotation is honoured (as in any image viewer), so a portrait photo
-    stored sideways gets a portrait bucket; kohya reads the stored size and trains such photos sideways.
+    Cheap: PNG's ``verify`` checks every chunk's checksum and WebP's opening checks the container's length,
+    without decoding; JPEG and BMP, whose header says nothing of the rest, are decoded — a JPEG at 1/8 scale
+    (``draft``, a few ms), which still reads every byte — so a truncated file fails here, naming it, and not
+    in the middle of training. EXIF rotation is
+    honoured (as in any image viewer), so a portrait photo stored sideways gets a portrait bucket; kohya reads
+    the stored size and trains such photos sideways.
     """
     try:
         with Image.open(path) as img:
@@ -48,6 +54,9 @@ def probe_image(path: Path) -> tuple[int, int]:
             width, height = img.size
             if img.getexif().get(_EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS:
                 width, height = height, width
+            if img.format in _DECODE_TO_CHECK:
+                img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))  # JPEG decodes smaller
+                img.load()
     except _READ_ERRORS as exc:
         raise _unreadable(path, exc) from None
     return width, height

@@ -168,12 +168,11 @@ def _resolve(cfg: ModelConfig) -> _Base:
     if path.is_file():
         path = path.resolve()
         _refuse_pickle(path, "model.base", cfg.allow_pickle)
-        if path.suffix.lower() == ".safetensors":
-            keys, _ = single_file.read_header(path, "model.base")
-            single_file.check_layout(single_file.checkpoint_layout(keys), path, v2=cfg.v2)
-        elif path.suffix.lower() not in single_file.PICKLE_SUFFIXES:
+        if path.suffix.lower() not in (".safetensors", *single_file.PICKLE_SUFFIXES):
             raise UserError("model.base", f"{path} is neither a .safetensors nor a .ckpt checkpoint.",
                             "Give a diffusers folder, a .safetensors checkpoint, a hub id, or `tiny`.")
+        keys = single_file.read_keys(path, "model.base", allow_pickle=cfg.allow_pickle)
+        single_file.check_layout(single_file.checkpoint_layout(keys), path, v2=cfg.v2)
         return _Base("file", str(path), path)
     if path.is_dir():
         path = path.resolve()
@@ -243,15 +242,14 @@ def _check_vae(cfg: ModelConfig) -> Path | None:
         raise UserError("model.vae", f"{cfg.vae} does not exist.",
                         "Give a diffusers VAE folder or a .safetensors VAE file, or null to keep the base's VAE.")
     _refuse_pickle(path, "model.vae", cfg.allow_pickle)
-    if path.suffix.lower() == ".safetensors":
-        keys, _ = single_file.read_header(path, "model.vae")
-        starts = ("encoder.", f"{single_file.VAE_PREFIX}encoder.", "vae.encoder.")
-        if not any(name.startswith(starts) for name in keys):
-            raise UserError("model.vae", f"{path} holds no VAE weights (no encoder.* tensors).",
-                            "Point it at a VAE file in the original layout, or a full SD checkpoint.")
-    elif path.suffix.lower() not in single_file.PICKLE_SUFFIXES:
+    if path.suffix.lower() not in (".safetensors", *single_file.PICKLE_SUFFIXES):
         raise UserError("model.vae", f"{path} is neither a .safetensors nor a .ckpt file.",
                         "Give a diffusers VAE folder or a .safetensors VAE file.")
+    keys = single_file.read_keys(path, "model.vae", allow_pickle=cfg.allow_pickle)
+    starts = ("encoder.", f"{single_file.VAE_PREFIX}encoder.", "vae.encoder.")
+    if not any(name.startswith(starts) for name in keys):
+        raise UserError("model.vae", f"{path} holds no VAE weights (no encoder.* tensors).",
+                        "Point it at a VAE file in the original layout, or a full SD checkpoint.")
     return path
 
 

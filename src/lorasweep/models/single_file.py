@@ -49,6 +49,7 @@ __all__ = [
     "load_checkpoint",
     "load_vae_file",
     "read_header",
+    "read_keys",
     "read_state_dict",
     "save_single_file",
     "sd_scheduler_config",
@@ -142,24 +143,60 @@ def read_state_dict(path: Path, *, key: str, allow_pickle: bool,
             raise UserError(key, f"{path} is not a readable .safetensors file ({_first_line(exc)}).",
                             "Point it at an SD checkpoint (.safetensors), or re-download a damaged file.") from None
     if suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise UserError(key, f"{path} is a pickle checkpoint ({suffix}); unpickling a file can run any code it "
-                            "carries, so it is refused by default.",
-                            "Convert it to .safetensors, or, if you trust it, set model.allow_pickle=true (it is "
-                            "then read with torch.load(weights_only=True), which loads tensors only).")
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # UnpicklingError for forbidden objects; RuntimeError/EOFError for damage
-            raise UserError(key, f"{path} could not be read as a weights-only checkpoint ({_first_line(exc)}).",
-                            "Convert it to .safetensors with a tool you trust.") from None
-        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping):
-            raise UserError(key, f"{path} holds a {type(obj).__name__}, not a state dict.",
-                            "Point it at an SD checkpoint.")
+        obj = _read_pickle(path, key=key, allow_pickle=allow_pickle)
         return {name: t for name, t in obj.items() if wanted(name) and isinstance(t, torch.Tensor)}, {}
     raise UserError(key, f"{path} is neither a .safetensors nor a .ckpt checkpoint.",
                     "Give a diffusers folder, a .safetensors checkpoint, or a .ckpt with model.allow_pickle=true.")
+
+
+def read_keys(path: Path, key: str, *, allow_pickle: bool) -> list[str]:
+    """The tensor names of a checkpoint, without reading its tensors: the ``.safetensors`` header, or a pickle
+    opened as a later load opens it (``torch.load(weights_only=True)``, memory-mapped), so a file that load
+    would refuse is refused now, before anything is written."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return [name for name in _read_pickle(path, key=key, allow_pickle=allow_pickle, mmap=True)
+                if isinstance(name, str)]
+    return read_header(path, key)[0]
+
+
+def _read_pickle(path: Path, *, key: str, allow_pickle: bool, mmap: bool = False) -> Mapping[Any, Any]:
+    """The state dict of a pickle checkpoint, read with ``torch.load(weights_only=True)``; refused unless
+    ``allow_pickle``. ``mmap``: map the tensors instead of reading them (zip checkpoints; the old format is
+    read whole)."""
+    import re
+
+    import torch
+
+    suffix = path.suffix.lower()
+    if not allow_pickle:
+        raise UserError(key, f"{path} is a pickle checkpoint ({suffix}); unpickling a file can run any code it "
+                        "carries, so it is refused by default.",
+                        "Convert it to .safetensors, or, if you trust it, set model.allow_pickle=true (it is "
+                        "then read with torch.load(weights_only=True), which loads tensors only).")
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not mmap or "mmap" not in str(exc):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # the pre-zip format
+    except Exception as exc:  # UnpicklingError: weights_only met something besides tensors and containers;
+        if type(exc).__name__ != "UnpicklingError":  # anything else (RuntimeError, EOFError ...): a damaged file
+            detail = re.sub(r"\x1b\[[0-9;]*m", "", _first_line(exc))
+            raise UserError(key, f"{path} cannot be read as a checkpoint: it is damaged or truncated ({detail}).",
+                            "Re-download it, or convert the original to .safetensors.") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(key, f"{path} holds Python objects besides tensors{what}, which the weights-only load "
+                        "(torch.load(weights_only=True)) refuses to unpickle: loading them could run code.",
+                        "Convert it to .safetensors with a tool you trust, or use a checkpoint of tensors only.") \
+            from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise UserError(key, f"{path} holds a {type(obj).__name__}, not a state dict.",
+                        "Point it at an SD checkpoint.")
+    return obj
 
 
 def checkpoint_layout(keys: Iterable[str]) -> str:

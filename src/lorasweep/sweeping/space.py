@@ -149,7 +149,7 @@ def parse_search_space(params: Mapping[str, Any], *, key_prefix: str = KEY_PREFI
 def check_keys(space: SearchSpace, cfg: DictConfig, group_names: set[str]) -> None:
     """Refuse a param that names no key of the composed ``cfg`` and no config group: such a typo would otherwise
     fail in every trial (or, with ``+``, silently add an unused key). Keys written with ``+``/``++`` add keys on
-    purpose and are not checked."""
+    purpose and are not checked. Then :func:`check_values`."""
     known: list[str] | None = None
     for name in space.names():
         written = space.override_keys.get(name, name)
@@ -164,6 +164,64 @@ def check_keys(space: SearchSpace, cfg: DictConfig, group_names: set[str]) -> No
         hint = f"Did you mean `{close[0]}`?" if close else "See the keys with `lorasweep train --cfg job`."
         hint += " To add a new key on purpose, write it as `+" + key + "`."
         raise UserError(f"{KEY_PREFIX}.{written}", f"`{key}` is not a key of the config nor a config group.", hint)
+    check_values(space, cfg, group_names)
+
+
+#: Values of one categorical param that :func:`check_values` tries: all of a short list, else the first and last.
+MAX_CHECKED_CHOICES = 16
+
+
+def check_values(space: SearchSpace, cfg: DictConfig, group_names: set[str]) -> None:
+    """Refuse a param with a value no run accepts (out of range, wrong type): each choice, each interval's
+    bounds and each fixed value is set alone on ``cfg`` and validated as a run would validate it. Such a value
+    would otherwise fail trial after trial until the failure budget stops the sweep. Combinations are not
+    tried; config groups and ``+`` keys are left to the trials. Nothing is checked when ``cfg`` itself is
+    refused: the caller reports that, under its own key."""
+    import copy
+
+    from lorasweep.config.errors import omegaconf_errors_as_user_errors
+    from lorasweep.config.train import to_train_config
+
+    try:
+        to_train_config(cfg)
+    except UserError:
+        return
+    for name in space.names():
+        written = space.override_keys.get(name, name)
+        key = name.split("@", 1)[0]
+        if written.startswith("+") or "@" in name or key in group_names:
+            continue
+        where = f"{KEY_PREFIX}.{written}"
+        dist = space.distributions.get(name)
+        current = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if (isinstance(dist, optuna.distributions.FloatDistribution) and isinstance(current, int)
+                and not isinstance(current, bool)):
+            raise UserError(where, f"is a float interval, but `{key}` takes whole numbers.",
+                            f"Write `int(interval({dist.low:g}, {dist.high:g}))`.")
+        for value in _values_to_check(dist, space.fixed.get(name)):
+            trial = copy.deepcopy(cfg)
+            try:
+                with omegaconf_errors_as_user_errors():  # a value of the wrong type
+                    OmegaConf.update(trial, key, value, merge=False)
+                to_train_config(trial)
+            except UserError as exc:
+                verb, fix = (("includes", "Remove that value or narrow the range.") if dist is not None
+                             else ("is", f"Give `{key}` a value a run accepts."))
+                raise UserError(where, f"{verb} {format_value(value)}, which no run accepts: {exc.where}: "
+                                f"{exc.problem.rstrip('.')}.", fix) from None
+
+
+def _values_to_check(dist: optuna.distributions.BaseDistribution | None, fixed: str | None) -> list[Any]:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        choices = list(dist.choices)
+        half = MAX_CHECKED_CHOICES // 2
+        return choices if len(choices) <= MAX_CHECKED_CHOICES else choices[:half] + choices[-half:]
+    if isinstance(dist, optuna.distributions.IntDistribution | optuna.distributions.FloatDistribution):
+        return [dist.low, dist.high]
+    if fixed is None:
+        return []
+    value = _parser().parse_override(f"k={fixed}").value()
+    return [_plain(value)]
 
 
 def format_value(value: Any) -> str:

@@ -53,9 +53,12 @@ def open_storage(url: str, *, key: str = "hydra.sweeper.storage") -> BaseStorage
     try:
         return optuna.storages.RDBStorage(url, heartbeat_interval=None)
     except Exception as error:  # SQLAlchemy raises many types: unknown dialect, refused connection, ...
-        raise UserError(key, f"cannot open the Optuna storage {url!r}: {type(error).__name__}: {error}".rstrip(".")
-                        + ".", "Check the URL, that its driver is installed, and that the server is reachable.") \
-            from None
+        from lorasweep.tracking.redact import redact_value
+
+        # The URL's password stays out of the message, which ends up in terminals, CI logs and bug reports.
+        text = redact_value(f"cannot open the Optuna storage {url!r}: {type(error).__name__}: {error}", [])
+        raise UserError(key, text.rstrip(".") + ".",
+                        "Check the URL, that its driver is installed, and that the server is reachable.") from None
 
 
 @dataclass
