@@ -260,8 +260,11 @@ def _check_grid_values(composed: Composed, fixed: list[str], swept: list[Overrid
     from lorasweep.config.errors import omegaconf_errors_as_user_errors
     from lorasweep.legacy.convert import hydra_value
 
+    swept_keys = [override.key_or_group for override in swept]
     for override in swept:
         key = override.key_or_group
+        if key.startswith("hydra."):  # Hydra's own settings: not part of the training config
+            continue
         if not override.is_discrete_sweep():
             raise UserError(key, f"is `{override.input_line}`, which Hydra's grid sweeper cannot enumerate "
                             "(it takes lists of values).", "Give comma-separated values, choice(...) or "
@@ -271,12 +274,13 @@ def _check_grid_values(composed: Composed, fixed: list[str], swept: list[Overrid
         for value in _sweep_values(override):
             if compose_each:
                 compose([*fixed, f"{override.get_key_element()}={hydra_value(value)}"], config_name=config_name,
-                        config_dir=config_dir).train_config()
+                        config_dir=config_dir).train_config(swept_keys)
                 continue
             cfg = copy.deepcopy(composed.cfg)
+            OmegaConf.set_struct(cfg, False)  # free dicts (tracking.tags) take new keys; dataclass nodes never do
             with omegaconf_errors_as_user_errors():  # an unknown key, a value of the wrong type
                 OmegaConf.update(cfg, key, value, merge=False)
-            Composed(cfg, composed.legacy, composed.user_overrides, composed.hydra).train_config()
+            Composed(cfg, composed.legacy, composed.user_overrides, composed.hydra).train_config(swept_keys)
 
 
 def check_multirun(overrides: list[str], *, config_name: str = CONFIG_NAME, config_dir: str | None = None) -> None:

@@ -200,6 +200,7 @@ def check_values(space: SearchSpace, cfg: DictConfig, group_names: set[str]) -> 
                             f"Write `int(interval({dist.low:g}, {dist.high:g}))`.")
         for value in _values_to_check(dist, space.fixed.get(name)):
             trial = copy.deepcopy(cfg)
+            OmegaConf.set_struct(trial, False)  # free dicts (tracking.tags) take new keys; dataclass nodes never do
             try:
                 with omegaconf_errors_as_user_errors():  # a value of the wrong type
                     OmegaConf.update(trial, key, value, merge=False)
