@@ -250,7 +250,7 @@ def test_resume_into_a_changed_config_is_refused_unless_forced(stateful_run: Pat
     # batch 12) is then epoch 2's end, so the run trains epoch 3 (steps 37-48) and ends.
     assert main_in(tmp_path, [*changed, "resume.force=true"]) == 0
     record = json.loads((_only_run(tmp_path) / "run.json").read_text())
-    assert record["status"] == "FINISHED" and record["resume_forced"] == ["training.batch_size"]
+    assert record["status"] == "FINISHED" and record["resume_forced"] == ["training.batch_size (4 → 8)"]
     assert record["steps"] == 48
 
 

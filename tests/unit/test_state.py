@@ -60,7 +60,7 @@ def test_changed_data_set_is_refused_unless_forced(tmp_path: Path) -> None:
     cfg.resume.force = True
     cfg.training.batch_size = 2
     meta = load_state_meta(state, cfg, changed)
-    assert meta["forced"][0] == "training.batch_size" and meta["forced"][1].startswith("the data set")
+    assert meta["forced"][0] == "training.batch_size (4 → 2)" and meta["forced"][1].startswith("the data set")
 
 
 @pytest.mark.parametrize(("key", "value", "named"), [("dim", 16, "network"), ("name", "lion", "optimizer.name")])

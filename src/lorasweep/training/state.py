@@ -181,12 +181,13 @@ def load_state_meta(folder: Path, cfg: TrainConfig, data_digest: str | None = No
         raise UserError(key, f"{folder} has state format {meta.get('format')}, this lorasweep reads "
                         f"{FORMAT_VERSION}.", "Resume with the lorasweep version that saved it.")
     saved, now = meta["fingerprint"], fingerprint(cfg)
-    changed = sorted(k for k in set(saved) | set(now) if _digest(saved.get(k)) != _digest(now.get(k)))
+    changed = [_change(k, saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+               if _digest(saved.get(k)) != _digest(now.get(k))]
     if data_digest is not None and meta.get("data_digest") not in (None, data_digest):
         changed.append("the data set (images added, removed, replaced or re-captioned)")
     if not changed:
         return meta
-    unforceable = [k for k in changed if k == "network"]
+    unforceable = [k for k in changed if k.split(" ")[0] == "network"]
     if (saved.get("optimizer") or {}).get("name") != (now.get("optimizer") or {}).get("name"):
         unforceable.append("optimizer.name")
     if cfg.resume.force and not unforceable:
@@ -197,9 +198,17 @@ def load_state_meta(folder: Path, cfg: TrainConfig, data_digest: str | None = No
                         "tensors would not fit).", "Resume with the run's own config.yaml, or start a new run "
                         "with network.init_weights=<its LoRA> instead.")
     raise UserError(key, f"the config differs from the saved run's in {', '.join(changed)}, so resuming would "
-                    "not continue that run.", "Resume with the run's own config.yaml (lorasweep resume RUN "
-                    "does) or start a new run with network.init_weights=<its LoRA>; to continue anyway with "
-                    "the changes, add resume.force=true (`lorasweep resume RUN --force`).")
+                    "not continue that run.", "Resume with the settings the state was saved with "
+                    "(`lorasweep resume RUN` uses the run's config.yaml: undo edits made to it since) or start "
+                    "a new run with network.init_weights=<its LoRA>; to continue anyway with the changes, add "
+                    "resume.force=true (`lorasweep resume RUN --force`).")
+
+
+def _change(key: str, saved: Any, now: Any) -> str:
+    """``key (saved → now)`` for a plain value; just the key for a whole group (its diff would be long)."""
+    if isinstance(saved, dict) or isinstance(now, dict):
+        return key
+    return f"{key} ({saved} → {now})"
 
 
 def load_state(folder: Path, cfg: TrainConfig, data_digest: str | None = None) -> SavedState:
