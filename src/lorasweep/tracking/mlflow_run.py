@@ -160,8 +160,9 @@ class MlflowRun:
             self.unsent["images"] += 1
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if not self._send(self.client.log_artifact, self.run_id, str(path), artifact_path=artifact_path,
-                          force=True):
+        """Upload a file; mid-outage only when a retry is due (the end of a run uploads several, and each try
+        at a server that is gone costs seconds)."""
+        if not self._send(self.client.log_artifact, self.run_id, str(path), artifact_path=artifact_path):
             self.unsent["artifacts"] += 1
 
     def end(self, status: str) -> None:
