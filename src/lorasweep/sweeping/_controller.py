@@ -64,16 +64,6 @@ class Counts:
         return self.complete + self.pruned
 
 
-def controller_id() -> str:
-    """``host:pid:start`` of this process; lets a resumed sweep tell a dead controller's trials from live ones."""
-    return process_identity()
-
-
-def _alive(owner: str) -> bool:
-    """False only when ``owner`` is a controller on this host that no longer runs."""
-    return is_alive(owner)
-
-
 def hydra_literal(value: Any) -> str:
     """A value (also lists and dicts) in Hydra's override grammar."""
     if isinstance(value, Mapping):
@@ -94,7 +84,7 @@ class SweepController:
         self.task_function = task_function
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
-        self.owner = controller_id()
+        self.owner = process_identity()  # lets a resumed sweep tell a dead controller's trials from live ones
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from SweepProgress
 
     # ---------------------------------------------------------------------------------------------- checks
@@ -194,7 +184,7 @@ class SweepController:
         recovered = 0
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = str(trial.user_attrs.get("controller", ""))
-            if owner and _alive(owner):
+            if owner and is_alive(owner):
                 continue
             study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: its sweep controller "
                                                "stopped while it ran")
