@@ -1,4 +1,6 @@
-"""The ``training`` group: the loop's length, batch, seed and device."""
+"""The ``training`` group: the loop's length, batch, seed and device, and the noise and loss knobs of the
+diffusion objective (kohya sd-scripts' semantics; :mod:`lorasweep.training.noise` and
+:mod:`lorasweep.training.objective` implement them)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,11 @@ from lorasweep.errors import UserError
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("sdpa", "xformers", "eager")
 CPU_CONV_KERNELS = ("auto", "onednn", "native")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+HUBER_LOSSES = ("huber", "smooth_l1")
+NUM_TRAIN_TIMESTEPS = 1000
+"""The diffusion length of every SD 1.x/2.x scheduler; ``max_timestep``'s upper bound."""
 
 
 @dataclass
@@ -68,6 +75,85 @@ class TrainingConfig:
     log_every_n_steps: int = 10
     """How often loss, learning rates and throughput are logged (and the only host-device syncs)."""
 
+    loss_type: str = "l2"
+    """Per-element training loss between the UNet's prediction and its target: ``l2`` (squared error),
+    ``l1`` (absolute error), ``huber`` (2c·(√(d²+c²) − c): quadratic below c, linear above, robust to the
+    outliers of noisy targets) or ``smooth_l1`` (the same without the factor c). The validation loss stays
+    plain MSE whatever this is, so runs of a sweep are compared on one measure. kohya: ``--loss_type``."""
+
+    huber_c: float = 0.1
+    """The Huber threshold c for ``loss_type`` huber/smooth_l1 (at t = 0 with the ``snr`` and ``exponential``
+    schedules it is 1, falling to ``huber_c`` at high noise). Refused with l2/l1, where it would do nothing.
+    kohya: ``--huber_c``."""
+
+    huber_schedule: str = "snr"
+    """How c varies with the timestep t: ``snr`` c(t) = (1 − huber_c)/(1 + σ_t)² + huber_c with
+    σ_t = √((1 − ᾱ_t)/ᾱ_t); ``exponential`` c(t) = exp(ln(huber_c)·t/1000)·huber_scale; ``constant``
+    c = huber_c·huber_scale. kohya: ``--huber_schedule`` (default snr)."""
+
+    huber_scale: float = 1.0
+    """Multiplies c in the ``exponential`` and ``constant`` schedules; not in ``snr``, exactly as kohya
+    (``--huber_scale``) does."""
+
+    min_snr_gamma: float | None = None
+    """Min-SNR-γ loss weighting (Hang et al. 2023): each sample's loss × min(SNR_t, γ)/SNR_t for an
+    ε-prediction model, × min(SNR_t, γ)/(SNR_t + 1) for a v-prediction one, so the low-noise timesteps
+    (huge SNR) stop dominating. 5 is the paper's value; null = off. kohya: ``--min_snr_gamma``."""
+
+    debiased_estimation: bool = False
+    """Weight each sample's loss by 1/√SNR_t (ε-prediction) or 1/(SNR_t + 1) (v-prediction), SNR capped at
+    1000 (Yu et al. 2023). With ``min_snr_gamma`` too, both weights multiply, as kohya applies them in
+    sequence. kohya: ``--debiased_estimation_loss``."""
+
+    noise_offset: float = 0.0
+    """Offset noise: add noise_offset × N(0, 1) per sample and channel (constant over the image) to the noise,
+    so the model learns to change the image's mean brightness (very dark or bright images). About 0.05–0.1
+    is usual; 0 = off. kohya: ``--noise_offset``."""
+
+    noise_offset_random_strength: bool = False
+    """Draw the offset's strength uniformly from [0, noise_offset) at each step instead of using it as is.
+    Needs ``noise_offset``. kohya: ``--noise_offset_random_strength``."""
+
+    adaptive_noise_scale: float = 0.0
+    """Add adaptive_noise_scale × |mean of the latent's channel| to the noise offset (clamped at ≥ 0; may be
+    negative), so images far from mid-grey get more offset. Needs ``noise_offset``; 0 = off.
+    kohya: ``--adaptive_noise_scale``."""
+
+    multires_noise_iterations: int = 0
+    """Multi-resolution (pyramid) noise: add this many levels of bilinearly upsampled noise, each drawn at a
+    resolution divided by a random factor r ∈ [2, 4) per level and weighted discount^level, then rescale to
+    unit std. Like offset noise it teaches low-frequency changes; 6–10 is usual; 0 = off. Not together with
+    ``noise_offset``. kohya: ``--multires_noise_iterations``."""
+
+    multires_noise_discount: float = 0.3
+    """Weight ratio between successive pyramid levels (level i × discount^i). Needs
+    ``multires_noise_iterations``. kohya: ``--multires_noise_discount`` (default 0.3)."""
+
+    ip_noise_gamma: float = 0.0
+    """Input perturbation (Ning et al. 2023): the noisy input is built from noise + γ·N(0, 1) while the target
+    stays the unperturbed noise (or its v), which reduces the train/sample exposure bias. About 0.1; 0 = off.
+    kohya: ``--ip_noise_gamma``."""
+
+    ip_noise_gamma_random_strength: bool = False
+    """Draw γ uniformly from [0, ip_noise_gamma) at each step. Needs ``ip_noise_gamma``.
+    kohya: ``--ip_noise_gamma_random_strength``."""
+
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule so the last timestep is pure noise (SNR 0; Lin et al. 2023), diffusers'
+    ``rescale_betas_zero_snr``, for training and samples (which then use trailing timestep spacing); the
+    validation loss keeps the base schedule. Needs a v-prediction model (``model.v_parameterization``): an
+    ε-prediction model cannot recover the image from pure noise, and min-SNR-γ would divide by SNR 0; kohya
+    only warns. The SNR loss weights use the base schedule's SNR, as kohya computes them before rescaling.
+    kohya: ``--zero_terminal_snr``."""
+
+    min_timestep: int = 0
+    """Lowest timestep drawn for training (inclusive). kohya: ``--min_timestep``."""
+
+    max_timestep: int = NUM_TRAIN_TIMESTEPS
+    """Timesteps are drawn uniformly from [min_timestep, max_timestep) (exclusive); equal values train at that
+    one timestep, as kohya does. Restricting the range focuses training on composition (high t) or detail
+    (low t). kohya: ``--max_timestep``."""
+
     def validate(self, key: str = "training") -> None:
         if self.max_steps is not None:
             check_range(f"{key}.max_steps", self.max_steps, low=1)
@@ -82,6 +168,7 @@ class TrainingConfig:
         check_choice(f"{key}.cpu_conv_kernels", self.cpu_conv_kernels, CPU_CONV_KERNELS)
         check_range(f"{key}.log_every_n_steps", self.log_every_n_steps, low=1)
         check_range(f"{key}.prior_loss_weight", self.prior_loss_weight, low=0.0)
+        self._check_objective(key)
         if self.attention == "xformers":
             import importlib.util
 
@@ -98,3 +185,63 @@ class TrainingConfig:
             if not torch.cuda.is_available():
                 raise UserError(f"{key}.device", "cuda was asked for but no CUDA device is visible.",
                                 "Use `training.device=auto` or `training.device=cpu`.")
+
+    def _check_objective(self, key: str) -> None:
+        """The noise and loss knobs: ranges, and each combination where one key would do nothing or
+        contradict another, refused naming both."""
+        check_choice(f"{key}.loss_type", self.loss_type, LOSS_TYPES)
+        check_choice(f"{key}.huber_schedule", self.huber_schedule, HUBER_SCHEDULES)
+        check_range(f"{key}.huber_c", self.huber_c, low=0.0, low_inclusive=False)
+        check_range(f"{key}.huber_scale", self.huber_scale, low=0.0, low_inclusive=False)
+        if self.loss_type not in HUBER_LOSSES:
+            defaults = TrainingConfig()
+            for name in ("huber_c", "huber_schedule", "huber_scale"):
+                if getattr(self, name) != getattr(defaults, name):
+                    raise UserError(f"{key}.{name}", f"is set to {getattr(self, name)!r}, but {key}.loss_type is "
+                                    f"{self.loss_type}: the Huber threshold is used only by the huber and "
+                                    "smooth_l1 losses, so it would change nothing.",
+                                    f"Set `{key}.loss_type=huber` (or smooth_l1), or leave {key}.{name} at its "
+                                    f"default {getattr(defaults, name)!r}.")
+        if self.min_snr_gamma is not None:
+            check_range(f"{key}.min_snr_gamma", self.min_snr_gamma, low=0.0, low_inclusive=False)
+        check_range(f"{key}.noise_offset", self.noise_offset, low=0.0)
+        check_range(f"{key}.multires_noise_iterations", self.multires_noise_iterations, low=0)
+        check_range(f"{key}.multires_noise_discount", self.multires_noise_discount, low=0.0, high=1.0,
+                    low_inclusive=False)
+        check_range(f"{key}.ip_noise_gamma", self.ip_noise_gamma, low=0.0)
+        check_range(f"{key}.min_timestep", self.min_timestep, low=0, high=NUM_TRAIN_TIMESTEPS - 1)
+        check_range(f"{key}.max_timestep", self.max_timestep, low=1, high=NUM_TRAIN_TIMESTEPS)
+        if self.min_timestep > self.max_timestep:
+            raise UserError(f"{key}.min_timestep", f"{self.min_timestep} is above {key}.max_timestep "
+                            f"{self.max_timestep}: timesteps are drawn from [min_timestep, max_timestep).",
+                            f"Lower {key}.min_timestep or raise {key}.max_timestep (equal values train at that "
+                            "one timestep).")
+        needs = (("noise_offset_random_strength", self.noise_offset_random_strength, "noise_offset",
+                  self.noise_offset),
+                 ("adaptive_noise_scale", self.adaptive_noise_scale, "noise_offset", self.noise_offset),
+                 ("multires_noise_discount", self.multires_noise_discount != TrainingConfig.multires_noise_discount,
+                  "multires_noise_iterations", self.multires_noise_iterations),
+                 ("ip_noise_gamma_random_strength", self.ip_noise_gamma_random_strength, "ip_noise_gamma",
+                  self.ip_noise_gamma))
+        for name, is_set, base, base_value in needs:
+            if is_set and not base_value:
+                raise UserError(f"{key}.{name}", f"is set to {getattr(self, name)!r}, but {key}.{base} is "
+                                f"{base_value!r} (off), so it would change nothing.",
+                                f"Set `{key}.{base}=<value>` too, or leave {key}.{name} at its default.")
+        if self.noise_offset and self.multires_noise_iterations:
+            raise UserError(f"{key}.noise_offset / {key}.multires_noise_iterations",
+                            f"are both set ({self.noise_offset!r}, {self.multires_noise_iterations!r}): they are two "
+                            "remedies for the same low-frequency gap, and the pyramid's rescaling to unit std would "
+                            "shrink the offset, so neither value means what it documents.",
+                            f"Choose one: `{key}.noise_offset=0` or `{key}.multires_noise_iterations=0`.")
+
+    def check_with(self, *, v_parameterization: bool, key: str = "training") -> None:
+        """Checks that need the ``model`` group (``model.v_parameterization``); the training scheduler is
+        built through it too (:func:`lorasweep.training.noise.training_scheduler`)."""
+        if self.zero_terminal_snr and not v_parameterization:
+            raise UserError(f"{key}.zero_terminal_snr", "is true but model.v_parameterization is false: with zero "
+                            "terminal SNR the last timestep is pure noise, from which an ε-prediction model cannot "
+                            "recover the image (and min-SNR weights would divide by SNR 0).",
+                            "Use it with a v-prediction base and `model.v_parameterization=true`, or set "
+                            f"`{key}.zero_terminal_snr=false` (offset noise, `{key}.noise_offset=0.05`, is the "
+                            "ε-model's remedy for too-grey images).")

@@ -33,7 +33,10 @@ class Sample:
 def render_samples(cfg: SamplingConfig, *, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any,
                    noise_scheduler: Any, size: tuple[int, int], clip_skip: int, max_token_length: int,
                    device: torch.device) -> list[Sample]:
-    """Render with a DDIM sampler built from the training scheduler's config (deterministic, eta=0).
+    """Render with a DDIM sampler built from the training scheduler's config (deterministic, eta=0). A
+    zero-terminal-SNR schedule (``training.zero_terminal_snr``) is sampled with trailing timestep spacing, so
+    sampling starts at the last timestep, the pure noise it was trained on (Lin et al. 2023, as diffusers
+    documents for ``rescale_betas_zero_snr``).
 
     The models are used as they are (LoRA active), in eval mode; their training mode is restored after.
     ``size`` is (width, height). Prompts are encoded exactly as training encodes captions (``clip_skip``,
@@ -44,9 +47,10 @@ def render_samples(cfg: SamplingConfig, *, unet: Any, vae: Any, text_encoder: An
 
     from lorasweep.models.text import encode_tokens, tokenize
 
+    spacing = {"timestep_spacing": "trailing"} if noise_scheduler.config.get("rescale_betas_zero_snr") else {}
     modes = [(m, m.training) for m in (unet, text_encoder, vae)]
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+                                   scheduler=DDIMScheduler.from_config(noise_scheduler.config, **spacing),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     samples = []

@@ -26,7 +26,8 @@ from lorasweep.evaluation.samples import Sample, render_samples
 from lorasweep.evaluation.validation import ValidationLoss
 from lorasweep.models.loading import BaseModel
 from lorasweep.models.text import CaptionTokens, encode_tokens, tokenize
-from lorasweep.training.objective import training_target, weighted_loss
+from lorasweep.training.noise import noisy_latents, training_scheduler
+from lorasweep.training.objective import TrainingLoss, training_target
 from lorasweep.training.optim import build_lr_scheduler, build_optimizer, effective_learning_rates, warmup_steps
 from lorasweep.training.state import Position, SavedState, data_fingerprint, save_state, set_rng_states
 
@@ -182,6 +183,8 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                               cpu=device.type == "cpu")
     set_seed(tc.seed)  # python, numpy and torch global RNGs: LoRA init and dropout draw from them
     device = accelerator.device
+    noise_scheduler = training_scheduler(base.noise_scheduler, tc)  # validation keeps the base schedule
+    training_loss = TrainingLoss(tc, noise_scheduler, base.noise_scheduler)
 
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
     for module in (unet, vae, text_encoder):
@@ -276,7 +279,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                 recorder.samples(step, render_samples(
                     cfg.sampling, unet=accelerator.unwrap_model(unet_fwd), vae=vae,
                     text_encoder=accelerator.unwrap_model(te_fwd), tokenizer=base.tokenizer,
-                    noise_scheduler=base.noise_scheduler, size=cfg.data.size, clip_skip=cfg.model.clip_skip,
+                    noise_scheduler=noise_scheduler, size=cfg.data.size, clip_skip=cfg.model.clip_skip,
                     max_token_length=max_tokens, device=device))
 
         def lr_values() -> dict[str, float]:
@@ -308,7 +311,6 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
             history = [(int(s), float(v)) for s, v in resume.extra.get("val_history", [])] if resume else []
         val_start = history[0][1] if history else float("nan")
 
-        num_t = base.noise_scheduler.config.num_train_timesteps
         save_dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision.save]
         loss_sum = torch.zeros((), device=device)
         loss_count = 0
@@ -332,9 +334,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                         latents = torch.stack([cached[k] for k in batch["cache_keys"]])
                     else:
                         latents = _encode_pixels(vae, batch["pixels"], device, latent_gen)
-                    noise = torch.randn(latents.shape, generator=noise_gen, device=device)
-                    timesteps = torch.randint(0, num_t, (latents.shape[0],), generator=noise_gen, device=device)
-                    noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
+                    noise, noisy, timesteps = noisy_latents(noise_scheduler, latents, tc, noise_gen)
                     if frozen_text is not None:
                         states = frozen_text(batch["captions"])
                     elif te_params:
@@ -343,8 +343,8 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                         with torch.no_grad():
                             states = encode(te_fwd, token_ids(batch["captions"]))
                     pred = unet_step(noisy, timesteps, states).sample
-                    target = training_target(base.noise_scheduler, latents, noise, timesteps)
-                    loss = weighted_loss(pred, target, batch["loss_weight"])
+                    target = training_target(noise_scheduler, latents, noise, timesteps)
+                    loss = training_loss(pred, target, timesteps, batch["loss_weight"])
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(params, tc.max_grad_norm)
