@@ -1,14 +1,16 @@
-"""kohya ``networks.lora`` file format: key mapping to and from peft LoRA layers, and safe file I/O.
+"""kohya ``networks.lora`` / LyCORIS file format: key mapping to and from peft adapter layers, and file I/O.
 
 Why kohya and not diffusers/peft keys: the kohya layout (``lora_unet_*`` / ``lora_te_*`` with
 ``lora_down``/``lora_up``/``alpha``) is what A1111, ComfyUI, kohya's own scripts *and* diffusers'
-``load_lora_weights`` all read, so one file works everywhere.
+``load_lora_weights`` all read, so one file works everywhere. LoHa, LoKr and DoRA use the same module keys
+with LyCORIS's tensor names (``hada_*``, ``lokr_*``, ``dora_scale``), which A1111 and ComfyUI read too.
 
 Layout per adapted module (``<key>`` = prefix + full module name with ``.`` replaced by ``_``):
 
-* ``<key>.lora_down.weight``: peft ``lora_A`` weight, ``[r, in]`` (``[r, in, 1, 1]`` for a 1×1 conv);
+* ``<key>.lora_down.weight``: peft ``lora_A`` weight, ``[r, in]`` (``[r, in, k, k]`` for a conv);
 * ``<key>.lora_up.weight``: peft ``lora_B`` weight, ``[out, r]`` (``[out, r, 1, 1]``);
-* ``<key>.alpha``: 0-dim tensor; the update is scaled by ``alpha / r``.
+* ``<key>.alpha``: 0-dim tensor; the update is scaled by ``alpha / r``;
+* the other variants' tensors: see :mod:`lorasweep.network.adapters`.
 
 The ``.``→``_`` mapping is not invertible from the key alone (``transformer_blocks`` contains an
 underscore), so the reverse mapping is always built from the module names of the live model.
@@ -26,13 +28,15 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from lorasweep import _faults
 from lorasweep.errors import UserError, storage_error
+from lorasweep.network import adapters
+from lorasweep.network.adapters import ALPHA
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +45,6 @@ TEXT_ENCODER_PREFIX = "lora_te_"
 ADAPTER_NAME = "lorasweep"
 """peft adapter name we inject under. Not peft's ``"default"``, so it cannot collide with an adapter
 diffusers' ``load_lora_weights`` adds (``default_0``, ...) to the same model."""
-
-DOWN = "lora_down.weight"
-UP = "lora_up.weight"
-ALPHA = "alpha"
 
 _DTYPES: dict[str, torch.dtype] = {
     "float": torch.float32,
@@ -74,17 +74,14 @@ def kohya_key(prefix: str, module_name: str) -> str:
     return prefix + module_name.replace(".", "_")
 
 
-def lora_layers(model: nn.Module | None, adapter_name: str = ADAPTER_NAME) -> Iterator[tuple[str, LoraLayer]]:
-    """(full module name, peft LoRA wrapper) for every layer carrying ``adapter_name``, in module order.
+def lora_layers(model: nn.Module | None, adapter_name: str = ADAPTER_NAME) -> Iterator[tuple[str, BaseTunerLayer]]:
+    """(full module name, peft adapter layer: LoRA, LoHa or LoKr) for every layer carrying ``adapter_name``,
+    in module order.
 
     The wrapper sits at the original module's path (the base module moves to ``<name>.base_layer``), so
     the yielded names are the base model's module names, exactly what kohya keys are built from.
     """
-    if model is None:
-        return
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-            yield name, module
+    yield from adapters.adapter_layers(model, adapter_name)
 
 
 def text_encoder_kohya_name(text_encoder: nn.Module, module_name: str) -> str:
@@ -102,9 +99,9 @@ def text_encoder_kohya_name(text_encoder: nn.Module, module_name: str) -> str:
 
 def _component_layers(
     unet: nn.Module | None, text_encoder: nn.Module | None, adapter_name: str
-) -> dict[str, LoraLayer]:
-    """kohya key (without the ``.lora_down...`` suffix) → LoRA layer, UNet first then text encoder."""
-    layers: dict[str, LoraLayer] = {}
+) -> dict[str, BaseTunerLayer]:
+    """kohya key (without the ``.lora_down...`` suffix) → adapter layer, UNet first then text encoder."""
+    layers: dict[str, BaseTunerLayer] = {}
     for name, layer in lora_layers(unet, adapter_name):
         layers[kohya_key(UNET_PREFIX, name)] = layer
     if text_encoder is not None:
@@ -123,29 +120,32 @@ def to_kohya_state_dict(
     unet: nn.Module | None,
     text_encoder: nn.Module | None,
     *,
-    alpha: float,
+    alpha: float | None = None,
     dtype: torch.dtype | str = torch.float32,
     adapter_name: str = ADAPTER_NAME,
 ) -> dict[str, torch.Tensor]:
-    """The kohya tensors for every LoRA layer of ``adapter_name`` in ``unet`` and ``text_encoder``.
+    """The kohya/LyCORIS tensors for every adapter layer of ``adapter_name`` in ``unet`` and ``text_encoder``.
 
-    A component without LoRA layers (or ``None``) contributes no keys, so a UNet-only network saves a
-    UNet-only file. ``alpha`` is written as each module's ``.alpha``; it is cross-checked against the
-    scale peft actually applies (``alpha / r``) so a file can never claim a scale the model did not train
-    with.
+    A component without adapter layers (or ``None``) contributes no keys, so a UNet-only network saves a
+    UNet-only file. Each module's ``.alpha`` is the alpha its peft layer was built with, cross-checked against
+    the scale peft actually applies, so a file can never claim a scale the model did not train with.
+    ``alpha``, when given, must also be that of every module that carries the network alpha (all but LoCon's
+    3×3 convolutions, which carry ``conv_alpha``, and full-factor LoKr modules, which have none).
     """
     dtype = resolve_dtype(dtype)
     out: dict[str, torch.Tensor] = {}
     for key, layer in _component_layers(unet, text_encoder, adapter_name).items():
-        r = layer.r[adapter_name]
-        if not math.isclose(layer.scaling[adapter_name], alpha / r, rel_tol=1e-6):
-            raise ValueError(
-                f"{key}: peft scale {layer.scaling[adapter_name]} != alpha/r = {alpha}/{r}; "
-                "export alpha does not match the injected network"
-            )
-        out[f"{key}.{DOWN}"] = _export(layer.lora_A[adapter_name].weight, dtype)
-        out[f"{key}.{UP}"] = _export(layer.lora_B[adapter_name].weight, dtype)
-        out[f"{key}.{ALPHA}"] = torch.tensor(float(alpha), dtype=dtype)
+        module_alpha = adapters.alpha(layer, adapter_name)
+        scale = adapters.expected_scale(layer, adapter_name)
+        if not math.isclose(layer.scaling[adapter_name], scale, rel_tol=1e-6):
+            raise ValueError(f"{key}: peft scale {layer.scaling[adapter_name]} != {scale} (alpha {module_alpha}, "
+                             f"rank {adapters.rank(layer, adapter_name)}); the file would misstate the network")
+        own_alpha = adapters.is_spatial_conv(layer) or adapters.lokr_full(layer, adapter_name)
+        if alpha is not None and not own_alpha and not math.isclose(module_alpha, alpha, rel_tol=1e-6):
+            raise ValueError(f"{key}: injected with alpha {module_alpha}, but export alpha is {alpha}")
+        for leaf, tensor in adapters.file_tensors(layer, adapter_name).items():
+            out[f"{key}.{leaf}"] = _export(tensor, dtype)
+        out[f"{key}.{ALPHA}"] = torch.tensor(module_alpha, dtype=dtype)
     return out
 
 
@@ -154,30 +154,38 @@ def _examples(names: list[str], n: int = 3) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def _file_kind(key: str, leaves: set[str], source: str) -> str:
+    kinds = {adapters.LEAF_KIND[leaf] for leaf in leaves if leaf != ALPHA}
+    if len(kinds) != 1:
+        raise UserError(source, f"{key} mixes or lacks adapter tensors ({', '.join(sorted(leaves))}).",
+                        "Is it a LoRA/LoCon, LoHa or LoKr file from kohya or LyCORIS?")
+    return kinds.pop()
+
+
 def from_kohya_state_dict(
     unet: nn.Module | None,
     text_encoder: nn.Module | None,
     tensors: Mapping[str, torch.Tensor],
     *,
-    alpha: float,
-    dim: int,
     adapter_name: str = ADAPTER_NAME,
     source: str = "LoRA init file",
 ) -> None:
-    """Copy kohya tensors into the injected LoRA layers (inverse of :func:`to_kohya_state_dict`).
+    """Copy kohya/LyCORIS tensors into the injected adapter layers (inverse of :func:`to_kohya_state_dict`).
 
-    Strict on purpose: initialising from a file that covers different modules, another rank or another
+    Strict on purpose: initialising from a file that covers different modules, another algorithm, rank or
     alpha would silently train something other than what the config says, so every mismatch is a
     ``UserError`` naming ``source`` and the config key to change. A missing ``.alpha`` means alpha = rank,
-    as in kohya. Nothing is written unless the whole file checks out.
+    as in kohya; a full-factor LoKr module's alpha is ignored, as every reader does. Nothing is written
+    unless the whole file checks out.
     """
     layers = _component_layers(unet, text_encoder, adapter_name)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for full_key, value in tensors.items():
         module_key, _, leaf = full_key.partition(".")
-        if leaf not in (DOWN, UP, ALPHA):
+        if leaf != ALPHA and leaf not in adapters.LEAF_KIND:
             raise UserError(
-                source, f"unexpected tensor {full_key!r}: not a kohya LoRA (lora_down/lora_up/alpha)."
+                source, f"unexpected tensor {full_key!r}: not a kohya/LyCORIS LoRA, LoHa or LoKr tensor "
+                "(lora_down/lora_up/alpha/dora_scale, hada_*, lokr_*)."
             )
         modules.setdefault(module_key, {})[leaf] = value
 
@@ -187,50 +195,68 @@ def from_kohya_state_dict(
             source,
             f"has LoRA weights for {len(unknown)} modules this network does not adapt "
             f"({_examples(unknown)}).",
-            "Match network.target / network.train_unet / network.train_text_encoder to the file "
-            "(lora_te1_/lora_te2_ or input_blocks keys mean an SDXL or original-SD-layout LoRA, "
-            "which is not supported).",
+            "Match network.target / network.conv_dim / network.train_unet / network.train_text_encoder to the "
+            "file (lora_te1_/lora_te2_ or input_blocks keys mean an SDXL or original-SD-layout LoRA, which is "
+            "not supported).",
         )
     missing = sorted(set(layers) - set(modules))
     if missing:
         raise UserError(
             source,
             f"has no weights for {len(missing)} of the {len(layers)} adapted modules ({_examples(missing)}).",
-            "Match network.target / network.train_unet / network.train_text_encoder to the file.",
+            "Match network.target / network.conv_dim / network.train_unet / network.train_text_encoder to the "
+            "file.",
         )
 
     staged: list[tuple[torch.Tensor, torch.Tensor]] = []
     for key, layer in layers.items():
         entry = modules[key]
-        if DOWN not in entry or UP not in entry:
-            raise UserError(source, f"{key} lacks {DOWN if DOWN not in entry else UP}.")
-        down, up = entry[DOWN], entry[UP]
-        file_dim = int(down.shape[0])
-        if file_dim != dim:
-            raise UserError(
-                "network.dim",
-                f"is {dim} but {source} has rank {file_dim} ({key}).",
-                f"Set network.dim={file_dim}.",
-            )
-        file_alpha = float(entry[ALPHA].float().item()) if ALPHA in entry else float(file_dim)
-        # Compare in the file's dtype: an fp16/bf16 file stores alpha rounded, so 0.1 must still match 0.1.
-        alpha_dtype = entry[ALPHA].dtype if ALPHA in entry else torch.float32
-        if torch.tensor(alpha, dtype=alpha_dtype).float().item() != file_alpha:
-            raise UserError(
-                "network.alpha",
-                f"is {alpha:g} but {source} was trained with alpha {file_alpha:g}.",
-                f"Set network.alpha={file_alpha:g} so the LoRA keeps its scale alpha/dim.",
-            )
-        a_param = layer.lora_A[adapter_name].weight
-        b_param = layer.lora_B[adapter_name].weight
-        for param, value, name in ((a_param, down, DOWN), (b_param, up, UP)):
-            if tuple(value.shape) != tuple(param.shape):
+        ours = adapters.adapter_kind(layer)
+        theirs = _file_kind(key, set(entry), source)
+        if theirs != ours:
+            raise UserError("network.algo", f"is {ours} but {source} holds a {adapters.KIND_NAMES[theirs]} "
+                            f"({key}).", f"Set network.algo={theirs}.")
+        targets = adapters.file_targets(layer, adapter_name)
+        has_dora = adapters.DORA_SCALE in targets
+        if (adapters.DORA_SCALE in entry) != has_dora:
+            raise UserError("network.dora", f"is {str(has_dora).lower()} but {source} "
+                            f"{'has no' if has_dora else 'has a'} DoRA magnitude ({key}.dora_scale).",
+                            f"Set network.dora={str(not has_dora).lower()}.")
+        conv = adapters.is_spatial_conv(layer)
+        dim_key, alpha_key = ("network.conv_dim", "network.conv_alpha") if conv else ("network.dim", "network.alpha")
+        dim = adapters.rank(layer, adapter_name)
+        file_dim = adapters.file_rank(ours, entry)
+        if file_dim is not None and file_dim != dim and not adapters.lokr_full(layer, adapter_name):
+            raise UserError(dim_key, f"is {dim} but {source} has rank {file_dim} ({key}).",
+                            f"Set {dim_key}={file_dim}.")
+        wanted = {leaf for leaf in targets}
+        if set(entry) - {ALPHA} != wanted:
+            lacking = sorted(wanted - set(entry))
+            if ours == adapters.LOKR:
+                raise UserError(source, f"{key} has the LoKr tensors {', '.join(sorted(set(entry) - {ALPHA}))}, "
+                                f"this network needs {', '.join(sorted(wanted))}.",
+                                "Match network.dim and network.lokr_factor to the file's factorisation.")
+            raise UserError(source, f"{key} lacks {', '.join(lacking)}.")
+        if not adapters.lokr_full(layer, adapter_name):
+            module_alpha = adapters.alpha(layer, adapter_name)
+            file_alpha = float(entry[ALPHA].float().item()) if ALPHA in entry else float(file_dim or dim)
+            # Compare in the file's dtype: an fp16/bf16 file stores alpha rounded, so 0.1 must still match 0.1.
+            alpha_dtype = entry[ALPHA].dtype if ALPHA in entry else torch.float32
+            if torch.tensor(module_alpha, dtype=alpha_dtype).float().item() != file_alpha:
+                raise UserError(
+                    alpha_key,
+                    f"is {module_alpha:g} but {source} was trained with alpha {file_alpha:g}.",
+                    f"Set {alpha_key}={file_alpha:g} so the LoRA keeps its scale alpha/dim.",
+                )
+        for leaf, (param, shape) in targets.items():
+            value = entry[leaf]
+            if tuple(value.shape) != shape:
                 raise UserError(
                     source,
-                    f"{key}.{name} has shape {tuple(value.shape)}, the model needs {tuple(param.shape)}.",
+                    f"{key}.{leaf} has shape {tuple(value.shape)}, the model needs {shape}.",
                     "Was it trained for a different base model?",
                 )
-            staged.append((param, value))
+            staged.append((param, value.reshape(param.shape)))
     with torch.no_grad():
         for param, value in staged:
             param.copy_(value.to(device=param.device, dtype=param.dtype))

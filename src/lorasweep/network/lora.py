@@ -15,7 +15,14 @@ with ``kaiming_uniform_`` from torch's *global CPU generator*; ``lora_B`` is zer
 function of the seed the caller passed to ``torch.manual_seed`` and of the module order (UNet first, then
 text encoder, each in ``named_modules`` order). Pass ``seed=`` to :func:`inject_lora` to make it a function
 of that seed alone, without consuming the caller's global random stream. (A caller that sets
-``torch.set_default_device('cuda')`` moves the init onto the CUDA generator instead.)
+``torch.set_default_device('cuda')`` moves the init onto the CUDA generator instead.) LoHa and LoKr
+(peft's LoHaConfig/LoKrConfig, ``network.algo``) and DoRA (``use_dora``) are initialised the same way.
+
+Dropouts while training draw from torch's global random streams, as peft's ``lora_dropout`` and kohya's
+``rank_dropout``/``module_dropout`` do: the training loop seeds them (``set_seed``) and saves and restores
+them with every training state, and ``torch.utils.checkpoint`` replays them when gradient checkpointing
+recomputes a block, so the recomputed masks equal the forward's (a private generator would not be replayed
+and would give wrong gradients there).
 """
 
 from __future__ import annotations
@@ -25,14 +32,18 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from lorasweep.config.network import TARGETS, NetworkConfig
 from lorasweep.errors import UserError
+from lorasweep.network import adapters
 from lorasweep.network.kohya import (
     ADAPTER_NAME,
     from_kohya_state_dict,
@@ -44,6 +55,8 @@ from lorasweep.network.kohya import (
 _UNET_ATTENTION = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 _TE_BLOCK = re.compile(r"(^|\.)encoder\.layers\.\d+\.(self_attn|mlp)$")
 _TE_ATTENTION_LEAVES = ("q_proj", "k_proj", "v_proj", "out_proj")
+_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+"""kohya's ``UNET_TARGET_REPLACE_MODULE_CONV2D_3X3``: the blocks ``conv_dim`` adds (LoCon)."""
 _MISSING = object()
 
 
@@ -75,24 +88,32 @@ def _named_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn
         yield from _named_modules(child, f"{prefix}.{name}" if prefix else name)
 
 
-def unet_target_modules(unet: nn.Module, target: str) -> list[str]:
+def unet_target_modules(unet: nn.Module, target: str, *, conv: bool = False) -> list[str]:
     """Full names of the UNet modules that get LoRA, in module order.
 
     ``kohya``: every Linear and 1×1 Conv2d inside a ``Transformer2DModel`` (kohya's
     ``UNET_TARGET_REPLACE_MODULE``): attn1/attn2 q/k/v/out.0, ff.net.0.proj, ff.net.2, proj_in, proj_out;
     12 per transformer model, 192 on SD-1.5. ``attention``: the attn1/attn2 q/k/v/out.0 projections only
     (8 per transformer model). Time embedding and ResNet ``time_emb_proj`` Linears are never included.
+
+    ``conv`` (``network.conv_dim`` set, LoCon): then, as kohya, every Linear and Conv2d of each
+    ``ResnetBlock2D``, ``Downsample2D`` and ``Upsample2D`` too (conv1/conv2 3×3, ``time_emb_proj``,
+    ``conv_shortcut``, the samplers' 3×3 ``conv``): 86 more on SD-1.5, 278 in all.
     """
     _check_target(target)
     names: list[str] = []
     seen: set[str] = set()
     for name, module in _named_modules(unet):
-        if type(module).__name__ != "Transformer2DModel":
+        kind = type(module).__name__
+        if kind != "Transformer2DModel" and not (conv and kind in _CONV_BLOCKS):
             continue
         for child_name, child in _named_modules(module):
-            if not child_name or not _adaptable(child):
+            if not child_name:
                 continue
-            if target == "attention" and not _UNET_ATTENTION.search(child_name):
+            if kind == "Transformer2DModel":
+                if not _adaptable(child) or (target == "attention" and not _UNET_ATTENTION.search(child_name)):
+                    continue
+            elif not isinstance(_base(child), nn.Linear | nn.Conv2d):
                 continue
             full = f"{name}.{child_name}" if name else child_name
             if full not in seen:
@@ -140,25 +161,114 @@ def _seeded(seed: int | None) -> Iterator[None]:
 def _lora_params(model: nn.Module | None, adapter_name: str) -> list[nn.Parameter]:
     params: list[nn.Parameter] = []
     for _, layer in lora_layers(model, adapter_name):
-        params.extend(layer.lora_A[adapter_name].parameters())
-        params.extend(layer.lora_B[adapter_name].parameters())
+        params.extend(adapters.adapter_parameters(layer, adapter_name))
     return params
 
 
-def _inject(model: nn.Module, targets: list[str], cfg: NetworkConfig, adapter_name: str) -> None:
-    config = LoraConfig(
+def _is_spatial(model: nn.Module, name: str) -> bool:
+    module = _base(model.get_submodule(name))
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def _peft_config(cfg: NetworkConfig, targets: list[str], spatial: list[str]) -> PeftConfig:
+    """The peft config of ``cfg.algo``; LoCon's 3×3 convs get ``conv_dim``/conv alpha through peft's per-module
+    rank and alpha patterns (full names, escaped: peft reads pattern keys as regular expressions)."""
+    conv_alpha = cfg.effective_conv_alpha
+    ranks = {re.escape(n): cfg.conv_dim for n in spatial} if cfg.conv_dim is not None else {}
+    alphas = {re.escape(n): conv_alpha for n in spatial} if conv_alpha is not None else {}
+    if cfg.algo == "loha":
+        return LoHaConfig(r=cfg.dim, alpha=cfg.effective_alpha, rank_dropout=cfg.rank_dropout,
+                          module_dropout=cfg.module_dropout, target_modules=targets, init_weights=True,
+                          use_effective_conv2d=False, rank_pattern=ranks, alpha_pattern=alphas)
+    if cfg.algo == "lokr":
+        # "lycoris": w1 random, w2 (or w2's up factor) zero, LyCORIS's own init; rank_dropout_scale is
+        # LyCORIS's default (off).
+        return LoKrConfig(r=cfg.dim, alpha=cfg.effective_alpha, rank_dropout=cfg.rank_dropout,
+                          module_dropout=cfg.module_dropout, target_modules=targets, init_weights="lycoris",
+                          use_effective_conv2d=False, decompose_both=False, decompose_factor=cfg.lokr_factor,
+                          rank_dropout_scale=False, rank_pattern=ranks, alpha_pattern=alphas)
+    return LoraConfig(
         r=cfg.dim,
         lora_alpha=cfg.effective_alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
         init_lora_weights=True,  # A: kaiming-uniform, B: zeros, so the injected model equals the base
         bias="none",
+        use_dora=cfg.dora,
+        rank_pattern=ranks,
+        alpha_pattern=alphas,
     )
-    inject_adapter_in_model(config, model, adapter_name=adapter_name)
-    got = [name for name, _ in lora_layers(model, adapter_name)]
+
+
+def _inject(model: nn.Module, targets: list[str], cfg: NetworkConfig, adapter_name: str) -> None:
+    spatial = [n for n in targets if _is_spatial(model, n)]
+    inject_adapter_in_model(_peft_config(cfg, targets, spatial), model, adapter_name=adapter_name)
+    got = {name: layer for name, layer in lora_layers(model, adapter_name)}
     if sorted(got) != sorted(targets):  # peft matches by suffix; make sure it hit exactly our list
         extra, missing = sorted(set(got) - set(targets)), sorted(set(targets) - set(got))
         raise RuntimeError(f"peft adapted an unexpected module set: extra={extra[:5]} missing={missing[:5]}")
+    conv_rank, conv_alpha = cfg.conv_dim or cfg.dim, cfg.effective_conv_alpha or cfg.effective_alpha
+    wanted = set(spatial)
+    for name, layer in got.items():  # and that its pattern matching gave each module the rank/alpha we meant
+        r, alpha = (conv_rank, conv_alpha) if name in wanted else (cfg.dim, cfg.effective_alpha)
+        if adapters.rank(layer, adapter_name) != r or adapters.alpha(layer, adapter_name) != alpha:
+            raise RuntimeError(f"peft built {name} with rank {adapters.rank(layer, adapter_name)}, alpha "
+                               f"{adapters.alpha(layer, adapter_name)}; expected {r}, {alpha}")
+        adapters.lokr_fix_full_scale(layer, adapter_name)
+
+
+class _ModuleDropout:
+    """kohya's ``module_dropout``: with probability p a module's adapter sits out one training forward, so the
+    module acts as its base layer. One draw per module and forward from the global CPU stream, as kohya's
+    ``torch.rand(1) < p``; peft's own switch (``disable_adapters``) skips the adapter."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self.skipping: set[int] = set()
+
+    def before(self, layer: nn.Module, args: Any) -> None:
+        if layer.training and bool(torch.rand(1) < self.p):
+            layer._disable_adapters = True
+            self.skipping.add(id(layer))
+
+    def after(self, layer: nn.Module, args: Any, output: Any) -> None:
+        if id(layer) in self.skipping:
+            self.skipping.discard(id(layer))
+            layer._disable_adapters = False
+
+
+def _rank_dropout_hook(p: float, conv: bool) -> Any:
+    """kohya's ``rank_dropout`` as a forward hook on peft's ``lora_A`` (so the saved keys do not change): each
+    sample's r hidden units are kept with probability 1-p and the kept ones scaled by 1/(1-p), which is
+    kohya's ``scale / (1 - rank_dropout)``. Training mode only."""
+
+    def hook(module: nn.Module, args: Any, hidden: torch.Tensor) -> torch.Tensor | None:
+        if not module.training:
+            return None
+        rank = hidden.shape[1] if conv else hidden.shape[-1]
+        keep = torch.rand((hidden.shape[0], rank), device=hidden.device) > p
+        shape = (hidden.shape[0], rank, *([1] * (hidden.dim() - 2))) if conv else (
+            hidden.shape[0], *([1] * (hidden.dim() - 2)), rank)
+        return hidden * keep.to(hidden.dtype).view(shape) / (1.0 - p)
+
+    return hook
+
+
+def _dropout_hooks(model: nn.Module, cfg: NetworkConfig, adapter_name: str) -> list[RemovableHandle]:
+    """rank/module dropout for ``algo=lora`` (peft's LoHa/LoKr layers do both themselves)."""
+    handles: list[RemovableHandle] = []
+    if cfg.algo != "lora" or not (cfg.rank_dropout or cfg.module_dropout):
+        return handles
+    skip = _ModuleDropout(cfg.module_dropout)
+    for _, layer in lora_layers(model, adapter_name):
+        if cfg.module_dropout:
+            handles.append(layer.register_forward_pre_hook(skip.before))
+            handles.append(layer.register_forward_hook(skip.after, always_call=True))
+        if cfg.rank_dropout:
+            lora_a = layer.lora_A[adapter_name]
+            handles.append(lora_a.register_forward_hook(
+                _rank_dropout_hook(cfg.rank_dropout, isinstance(lora_a, nn.Conv2d))))
+    return handles
 
 
 @dataclass(eq=False)  # identity semantics: it holds live models
@@ -174,6 +284,7 @@ class LoraNetwork:
     """Full names of the adapted text-encoder modules (empty when ``cfg.train_text_encoder`` is false)."""
     adapter_name: str = ADAPTER_NAME
     _requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list, repr=False)
+    _hooks: list[RemovableHandle] = field(default_factory=list, repr=False)
     _peft_config: dict[int, object] = field(default_factory=dict, repr=False)
     removed: bool = False
 
@@ -182,7 +293,8 @@ class LoraNetwork:
             raise RuntimeError("this LoRA network was removed; inject a new one")
 
     def unet_params(self) -> list[nn.Parameter]:
-        """Trainable UNet LoRA tensors (lora_A, lora_B per module), for their own optimizer param group."""
+        """Trainable UNet adapter tensors (LoRA: lora_A, lora_B[, DoRA magnitude] per module), for their own
+        optimizer param group."""
         self._check_live()
         return _lora_params(self.unet if self.unet_modules else None, self.adapter_name)
 
@@ -191,8 +303,21 @@ class LoraNetwork:
         self._check_live()
         return _lora_params(self.text_encoder if self.text_encoder_modules else None, self.adapter_name)
 
+    def loraplus(self) -> dict[str, tuple[list[nn.Parameter], float]]:
+        """LoRA+ for :func:`~lorasweep.training.optim.build_optimizer`: per trained component (``unet``,
+        ``text_encoder``) its up matrices and their lr ratio; empty when LoRA+ is off."""
+        self._check_live()
+        unet_ratio, te_ratio = self.cfg.loraplus_ratios
+        out: dict[str, tuple[list[nn.Parameter], float]] = {}
+        for label, model, names, ratio in (("unet", self.unet, self.unet_modules, unet_ratio),
+                                           ("text_encoder", self.text_encoder, self.text_encoder_modules, te_ratio)):
+            if names and ratio is not None:
+                out[label] = ([p for _, layer in lora_layers(model, self.adapter_name)
+                               for p in adapters.up_parameters(layer, self.adapter_name)], ratio)
+        return out
+
     def state_dict(self, dtype: torch.dtype | str = torch.float32) -> dict[str, torch.Tensor]:
-        """The network in kohya format (``lora_unet_*``/``lora_te_*``), ready for ``save_lora_file``."""
+        """The network in kohya/LyCORIS format (``lora_unet_*``/``lora_te_*``), ready for ``save_lora_file``."""
         self._check_live()
         return to_kohya_state_dict(
             self.unet if self.unet_modules else None,
@@ -205,14 +330,13 @@ class LoraNetwork:
     def load_kohya_state_dict(
         self, tensors: Mapping[str, torch.Tensor], source: str = "LoRA init file"
     ) -> None:
-        """Initialise the LoRA from a kohya file's tensors; rank, alpha and modules must match the config."""
+        """Initialise the network from a kohya/LyCORIS file's tensors; algorithm, ranks, alphas and modules must
+        match the config."""
         self._check_live()
         from_kohya_state_dict(
             self.unet if self.unet_modules else None,
             self.text_encoder if self.text_encoder_modules else None,
             tensors,
-            alpha=self.cfg.effective_alpha,
-            dim=self.cfg.dim,
             adapter_name=self.adapter_name,
             source=source,
         )
@@ -227,6 +351,9 @@ class LoraNetwork:
         """
         if self.removed:
             return
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
         for model in (self.unet, self.text_encoder):
             wrapped = [name for name, module in _named_modules(model) if isinstance(module, BaseTunerLayer)]
             for name in wrapped:
@@ -253,11 +380,13 @@ def inject_lora(
     seed: int | None = None,
     adapter_name: str = ADAPTER_NAME,
 ) -> LoraNetwork:
-    """Freeze both models and add LoRA (r=dim, alpha, dropout) to the components ``cfg`` trains.
+    """Freeze both models and add the adapter ``cfg`` describes (``algo``: LoRA/LoCon, LoHa or LoKr, with
+    DoRA, dropouts) to the components it trains.
 
-    The initial network is the identity (``lora_B`` = 0), so the injected model's outputs equal the base
-    model's. LoRA tensors are float32 whatever the base dtype: with an fp16 base, fp16 trainable tensors
-    would make AMP's grad scaler refuse to unscale (and lose small updates). ``seed``: see the module doc.
+    The initial network is the identity (LoRA's ``lora_B``, one LoHa factor, one LoKr factor are zero; DoRA's
+    magnitude is the base weight's norm), so the injected model's outputs equal the base model's. Adapter
+    tensors are float32 whatever the base dtype: with an fp16 base, fp16 trainable tensors would make AMP's
+    grad scaler refuse to unscale (and lose small updates). ``seed``: see the module doc.
     """
     cfg.validate()  # also refuses train_unet = train_text_encoder = false: nothing to train
     for label, model in (("UNet", unet), ("text encoder", text_encoder)):
@@ -266,7 +395,7 @@ def inject_lora(
                 f"the {label} already carries LoRA layers; remove() the previous network first"
             )
 
-    unet_names = unet_target_modules(unet, cfg.target) if cfg.train_unet else []
+    unet_names = unet_target_modules(unet, cfg.target, conv=cfg.conv_dim is not None) if cfg.train_unet else []
     te_names = text_encoder_target_modules(text_encoder, cfg.target) if cfg.train_text_encoder else []
     if cfg.train_unet and not unet_names:
         raise UserError(
@@ -300,6 +429,8 @@ def inject_lora(
                 _inject(unet, unet_names, cfg, adapter_name)
             if te_names:
                 _inject(text_encoder, te_names, cfg, adapter_name)
+        for model in (unet, text_encoder):
+            network._hooks.extend(_dropout_hooks(model, cfg, adapter_name))
     except BaseException:
         network.remove()
         raise
@@ -311,12 +442,13 @@ def inject_lora(
 
 
 def init_from_file(network: LoraNetwork, path: Path | str) -> dict[str, str]:
-    """``network.init_weights``: copy a kohya LoRA file's weights into ``network``; return its metadata.
+    """``network.init_weights``: copy a kohya/LyCORIS file's weights into ``network``; return its metadata.
 
     Weights only (the optimizer starts fresh, kohya ``--network_weights``). The file must be safetensors
-    (pickles are refused) and match the config exactly: rank (``network.dim``), alpha (``network.alpha``; a
-    module without ``.alpha`` means alpha = rank, as in kohya) and the adapted modules (``network.target`` /
-    ``train_unet`` / ``train_text_encoder``); any mismatch is a ``UserError`` and leaves the network as it
+    (pickles are refused) and match the config exactly: algorithm (``network.algo``, ``network.dora``), rank
+    (``network.dim``/``conv_dim``), alpha (``network.alpha``/``conv_alpha``; a module without ``.alpha`` means
+    alpha = rank, as in kohya) and the adapted modules (``network.target`` / ``conv_dim`` / ``train_unet`` /
+    ``train_text_encoder``); any mismatch is a ``UserError`` and leaves the network as it
     was. Any dtype is accepted (kohya saves fp16 by default); the values are cast to the LoRA's float32.
     """
     tensors, metadata = load_lora_file(path)
