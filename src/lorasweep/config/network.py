@@ -16,6 +16,14 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 """Extensions of pickled checkpoints; unpickling can run arbitrary code, so lorasweep never loads them."""
 
 
+def check_loraplus_optimizer(where: str, optimizer: str) -> None:
+    """LoRA+ needs per-group learning rates, which Prodigy refuses (kohya does not support the pair either)."""
+    if optimizer == "prodigy":
+        raise UserError(where, "LoRA+ gives the up matrices their own learning rate, but Prodigy estimates one "
+                        "step size for all parameters and refuses different group lrs.",
+                        "Leave the loraplus ratios null with optimizer=prodigy, or choose another optimizer.")
+
+
 @dataclass
 class NetworkConfig:
     """LoRA network shape. Mirrors kohya's ``networks.lora`` (``--network_dim``/``--network_alpha``)."""
@@ -174,11 +182,8 @@ class NetworkConfig:
     def check_with(self, *, optimizer: str, key: str = "network") -> None:
         """Checks that need another group: ``optimizer`` is ``optimizer.name``."""
         plus = [f"{key}.{n}" for n in LORAPLUS_KEYS if getattr(self, n) is not None]
-        if plus and optimizer == "prodigy":
-            raise UserError(" / ".join(plus), "LoRA+ gives the up matrices their own learning rate, but Prodigy "
-                            "estimates one step size for all parameters and refuses different group lrs (kohya "
-                            "does not support LoRA+ with Prodigy either).",
-                            "Leave the loraplus ratios null with optimizer=prodigy, or choose another optimizer.")
+        if plus:
+            check_loraplus_optimizer(" / ".join(plus), optimizer)
 
     def _check_init_weights(self, key: str) -> None:
         """Fail before the base model loads, not after minutes of setup."""

@@ -22,10 +22,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorasweep.config.network import LORAPLUS_KEYS, NetworkConfig
 from lorasweep.config.train import TrainConfig
 
 NETWORK_MODULE = "networks.lora"
 """kohya's module for this file layout; readers use it to pick the loader."""
+LYCORIS_MODULE = "lycoris.kohya"
+"""LyCORIS's kohya entry point (``--network_module lycoris.kohya``): LoHa, LoKr and DoRA files."""
+
+
+def network_module(net: NetworkConfig) -> str:
+    """``ss_network_module``: kohya's ``networks.lora`` trains LoRA and LoCon; LoHa, LoKr and DoRA come from
+    LyCORIS, so their files name it, as the tools that made them would."""
+    return NETWORK_MODULE if net.algo == "lora" and not net.dora else LYCORIS_MODULE
+
+
+def network_args(net: NetworkConfig) -> dict[str, str]:
+    """``ss_network_args``: the non-default ``--network_args`` the module would need for this network, as
+    strings (kohya stores the ``key=value`` strings it was given). ``target`` is lorasweep's own (an
+    ``attention`` target has no kohya argument)."""
+    args: dict[str, object] = {}
+    lycoris = network_module(net) == LYCORIS_MODULE
+    if lycoris:
+        args["algo"] = net.algo
+        if net.conv_dim is None:
+            args["preset"] = "attn-mlp"  # LyCORIS adapts the convs by default; this preset is kohya's set
+    if net.conv_dim is not None:
+        args["conv_dim"] = net.conv_dim
+        args["conv_alpha"] = net.effective_conv_alpha
+    if net.dora:
+        args["dora_wd"] = True
+    if net.algo == "lokr":
+        args["factor"] = net.lokr_factor
+    for name in ("rank_dropout", "module_dropout"):
+        if getattr(net, name):
+            args[name] = getattr(net, name)
+    if net.algo == "loha" and net.rank_dropout:
+        args["rank_dropout_scale"] = True  # peft's LoHa always rescales the kept rows
+    for name in LORAPLUS_KEYS:
+        if getattr(net, name) is not None:
+            args[name] = getattr(net, name)
+    if net.target != "kohya":
+        args["target"] = net.target
+    return {key: str(value) for key, value in args.items()}
 
 
 @dataclass(frozen=True)
@@ -161,7 +200,7 @@ def kohya_metadata(cfg: TrainConfig, facts: TrainingFacts) -> dict[str, str]:
         "ss_max_train_steps": facts.max_train_steps,
         "ss_lr_warmup_steps": facts.warmup_steps,
         "ss_lr_scheduler": cfg.scheduler.name,
-        "ss_network_module": NETWORK_MODULE,
+        "ss_network_module": network_module(net),
         "ss_network_dim": net.dim,
         "ss_network_alpha": net.effective_alpha,
         "ss_network_dropout": net.dropout,
@@ -203,8 +242,9 @@ def kohya_metadata(cfg: TrainConfig, facts: TrainingFacts) -> dict[str, str]:
         "ss_bucket_info": json.dumps(facts.bucket_info if buckets.enabled else None),
         "ss_sd_model_name": _name(facts.model_id),
     }
-    if net.target != "kohya":  # kohya writes ss_network_args only for non-default network arguments
-        meta["ss_network_args"] = json.dumps({"target": net.target})
+    args = network_args(net)
+    if args:  # kohya writes ss_network_args only when network arguments were given
+        meta["ss_network_args"] = json.dumps(args)
     for key, value in (("ss_sd_model_hash", facts.model_hash), ("ss_new_sd_model_hash", facts.new_model_hash)):
         if value is not None:
             meta[key] = value

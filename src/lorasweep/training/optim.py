@@ -3,27 +3,51 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import torch
 
+from lorasweep.config.network import check_loraplus_optimizer
 from lorasweep.config.optimizer import OptimizerConfig
 from lorasweep.config.scheduler import POLYNOMIAL_LR_END, SchedulerConfig
 from lorasweep.errors import UserError
 
 
 def build_optimizer(cfg: OptimizerConfig, unet_params: list[torch.nn.Parameter],
-                    text_encoder_params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+                    text_encoder_params: list[torch.nn.Parameter], *,
+                    loraplus: Mapping[str, tuple[Sequence[torch.nn.Parameter], float]] | None = None,
+                    ) -> torch.optim.Optimizer:
     """One param group per trained component, so ``unet_lr``/``text_encoder_lr`` differ as in kohya.
 
     Group order is fixed (UNet first): logged LRs and saved optimizer states depend on it. The optimizer's
     default lr is ``cfg.lr``, which the polynomial schedule reads as its starting lr.
+
+    ``loraplus`` (:meth:`LoraNetwork.loraplus`, LoRA+): per component (``unet``/``text_encoder``) the up
+    matrices and a ratio; those parameters move to a group of their own right after their component's,
+    ``unet_plus``/``text_encoder_plus``, with lr × ratio, as kohya's ``prepare_optimizer_params`` does. The
+    schedule multiplies every group's lr by the same factor, so the ratio holds throughout. Without it the
+    groups are exactly as before.
     """
+    plus = dict(loraplus or {})
+    unknown = set(plus) - {"unet", "text_encoder"}
+    if unknown:
+        raise ValueError(f"loraplus components must be unet/text_encoder, got {sorted(unknown)}")
+    if plus:
+        check_loraplus_optimizer("network.loraplus_lr_ratio", cfg.name)
     groups = []
-    if unet_params:
-        groups.append({"params": unet_params, "lr": cfg.unet_learning_rate, "name": "unet"})
-    if text_encoder_params:
-        groups.append({"params": text_encoder_params, "lr": cfg.text_encoder_learning_rate,
-                       "name": "text_encoder"})
+    for name, params, lr in (("unet", unet_params, cfg.unet_learning_rate),
+                             ("text_encoder", text_encoder_params, cfg.text_encoder_learning_rate)):
+        if not params:
+            continue
+        if name not in plus:
+            groups.append({"params": params, "lr": lr, "name": name})
+            continue
+        ups, ratio = plus[name]
+        up_ids = {id(p) for p in ups}
+        if not up_ids <= {id(p) for p in params}:
+            raise ValueError(f"LoRA+ {name} parameters are not among the {name} parameters")
+        groups.append({"params": [p for p in params if id(p) not in up_ids], "lr": lr, "name": name})
+        groups.append({"params": [p for p in params if id(p) in up_ids], "lr": lr * ratio, "name": f"{name}_plus"})
     if not groups:
         raise ValueError("build_optimizer needs at least one trained parameter")
     device = groups[0]["params"][0].device.type
@@ -51,7 +75,9 @@ def optimizer_description(cfg: OptimizerConfig) -> str:
 
 def effective_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """The lr each group actually steps with, by group name: the scheduled lr, times Prodigy's estimated
-    step size ``d`` for Prodigy (kohya logs the same product as ``lr/d*lr``)."""
+    step size ``d`` for Prodigy (kohya logs the same product as ``lr/d*lr``). With LoRA+ the up matrices'
+    groups appear as ``unet_plus``/``text_encoder_plus`` (kohya: ``lr/unet plus``), at ratio × their
+    component's lr."""
     out = {}
     for i, group in enumerate(optimizer.param_groups):
         lr = float(group["lr"])
