@@ -82,9 +82,9 @@ class TrainingConfig:
     plain MSE whatever this is, so runs of a sweep are compared on one measure. kohya: ``--loss_type``."""
 
     huber_c: float = 0.1
-    """The Huber threshold c for ``loss_type`` huber/smooth_l1 (at t = 0 with the ``snr`` and ``exponential``
-    schedules it is 1, falling to ``huber_c`` at high noise). Refused with l2/l1, where it would do nothing.
-    kohya: ``--huber_c``."""
+    """The Huber threshold c for ``loss_type`` huber/smooth_l1; with the ``snr`` and ``exponential`` schedules
+    the threshold is about 1 at low noise and falls to ``huber_c`` at the last timestep. Refused with l2/l1,
+    where it would do nothing. kohya: ``--huber_c``."""
 
     huber_schedule: str = "snr"
     """How c varies with the timestep t: ``snr`` c(t) = (1 − huber_c)/(1 + σ_t)² + huber_c with
