@@ -7,7 +7,8 @@ On the untrained tiny SD-1.x model:
 * the update each module applies equals the readers' formula computed by hand from the saved tensors
   (LoRA/LoCon, LoHa ⊙, LoKr ⊗ with its alpha rule, DoRA's magnitude / row norm), so files mean what we trained;
 * save → ``init_weights`` into a fresh injection reproduces tensors and outputs; diffusers loads LoCon with our
-  outputs; files of another variant are refused naming the key to change;
+  outputs; files of another variant are refused naming the key to change, by the loader and by the
+  header-only preflight;
 * rank and module dropout follow kohya's statistics, train mode only, reproducible from the seed, and
   gradient checkpointing replays the same masks;
 * LoRA+ puts the up matrices in their own groups at lr × ratio;
@@ -38,7 +39,7 @@ from lorasweep.config.optimizer import OptimizerConfig
 from lorasweep.config.scheduler import SchedulerConfig
 from lorasweep.config.train import TrainConfig
 from lorasweep.errors import UserError
-from lorasweep.network.kohya import load_lora_file, save_lora
+from lorasweep.network.kohya import check_lora_header, load_lora_file, save_lora
 from lorasweep.network.lora import LoraNetwork, init_from_file, inject_lora, unet_target_modules
 from lorasweep.network.metadata import TrainingFacts, kohya_metadata
 from lorasweep.training.optim import build_lr_scheduler, build_optimizer, effective_learning_rates
@@ -282,6 +283,20 @@ def test_round_trip_metadata_and_refusals(pipe: StableDiffusionPipeline, untrain
     refused(_cfg("dora", dora=False), "dora", "network.dora", "has a DoRA magnitude")
     refused(_cfg("locon", dora=True, conv_alpha=None), "locon", "network.dora", "has no DoRA magnitude")
     refused(_cfg("lokr_factor", lokr_factor=-1), "lokr_factor", files["lokr_factor"].as_posix(), "lokr_factor")
+
+    # the header-only preflight (job's check of network.init_weights) accepts each file with its own config
+    for variant, path in files.items():
+        check_lora_header(path, _cfg(variant))
+    for cfg, variant, text in (
+        (_cfg("locon", conv_dim=None), "locon", r"3×3 conv \(LoCon\) rank 2, but network.conv_dim is null"),
+        (_cfg("locon", dim=8), "locon", "has rank 4, but network.dim is 8"),
+        (_cfg("lokr_factor", dim=2), "lokr_factor", "has rank 4, but network.dim is 2"),
+        (_cfg("locon"), "loha", "holds a LoHa, but network.algo is lora"),
+        (_cfg("dora", dora=False), "dora", "is a DoRA"),
+    ):
+        with pytest.raises(UserError, match=text) as err:
+            check_lora_header(files[variant], cfg)
+        assert err.value.where == "network.init_weights"
 
     # diffusers reads LoCon (kohya keys with 3×3 down/up convs) with our outputs
     cfg = _cfg("locon")

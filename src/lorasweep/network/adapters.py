@@ -19,7 +19,7 @@ LyCORIS's ``create_network_from_weights`` look for.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -147,13 +147,14 @@ def file_targets(layer: BaseTunerLayer, adapter_name: str) -> dict[str, tuple[nn
             for leaf in leaves if adapter_name in getattr(layer, leaf)}
 
 
-def file_rank(kind: str, entry: dict[str, torch.Tensor]) -> int | None:
-    """The rank a file's module was trained with, read as the readers read it; None for a full-factor LoKr."""
+def file_rank(kind: str, shapes: Mapping[str, Sequence[int]]) -> int | None:
+    """The rank a file's module was trained with, from its tensors' shapes (leaf → shape) as the readers read
+    it; None for a full-factor LoKr module, which has none."""
     if kind == LORA:
-        return int(entry[DOWN].shape[0]) if DOWN in entry else None
+        return int(shapes[DOWN][0]) if DOWN in shapes else None
     if kind == LOHA:
-        return int(entry["hada_w1_b"].shape[0]) if "hada_w1_b" in entry else None
+        return int(shapes["hada_w1_b"][0]) if "hada_w1_b" in shapes else None
     for leaf in ("lokr_w2_b", "lokr_w1_b"):  # ComfyUI's order: w2's rank wins
-        if leaf in entry:
-            return int(entry[leaf].shape[0])
+        if leaf in shapes:
+            return int(shapes[leaf][0])
     return None

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -34,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorasweep import _faults
+from lorasweep.config.network import NetworkConfig
 from lorasweep.errors import UserError, storage_error
 from lorasweep.network import adapters
 from lorasweep.network.adapters import ALPHA
@@ -225,7 +227,7 @@ def from_kohya_state_dict(
         conv = adapters.is_spatial_conv(layer)
         dim_key, alpha_key = ("network.conv_dim", "network.conv_alpha") if conv else ("network.dim", "network.alpha")
         dim = adapters.rank(layer, adapter_name)
-        file_dim = adapters.file_rank(ours, entry)
+        file_dim = adapters.file_rank(ours, {leaf: tuple(value.shape) for leaf, value in entry.items()})
         if file_dim is not None and file_dim != dim and not adapters.lokr_full(layer, adapter_name):
             raise UserError(dim_key, f"is {dim} but {source} has rank {file_dim} ({key}).",
                             f"Set {dim_key}={file_dim}.")
@@ -260,6 +262,59 @@ def from_kohya_state_dict(
     with torch.no_grad():
         for param, value in staged:
             param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
+_SPATIAL_KEY = re.compile(r"_resnets_\d+_conv[12]$|_(down|up)samplers_\d+_conv$")
+"""kohya keys of the SD UNet's 3×3 convolutions, the modules LoCon's ``conv_dim`` governs."""
+
+
+def check_lora_header(path: Path | str, cfg: NetworkConfig, key: str = "network.init_weights") -> None:
+    """Preflight of an init file against ``cfg`` from the safetensors header alone (no tensor is read): readable,
+    kohya/LyCORIS keys, the same algorithm (``network.algo``, ``network.dora``) and ranks (``network.dim`` for
+    Linear and 1×1 modules, ``network.conv_dim`` for 3×3 convolutions). A bad file would otherwise stop the run
+    after the base model has loaded; :func:`from_kohya_state_dict` checks everything else (modules, alphas,
+    shapes) when the weights are copied in."""
+    path = Path(path).expanduser()
+    hint = "Point it at a kohya-format LoRA .safetensors file (e.g. a run's lora/lora.safetensors), or set it to null."
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()  # noqa: SIM118
+                      if name.startswith(("lora_unet_", "lora_te"))}
+    except (SafetensorError, OSError, ValueError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(key, f"{path} is not a readable .safetensors file ({detail}); it may be truncated or "
+                        "damaged.", hint) from None
+    modules: dict[str, dict[str, list[int]]] = {}
+    for name, shape in shapes.items():
+        module, _, leaf = name.partition(".")
+        if leaf in adapters.LEAF_KIND:
+            modules.setdefault(module, {})[leaf] = shape
+    if not modules:
+        raise UserError(key, f"{path} holds no kohya LoRA weights (no lora_unet_*/lora_te* LoRA, LoHa or LoKr "
+                        "tensors).", hint)
+    kinds = {adapters.LEAF_KIND[leaf] for entry in modules.values() for leaf in entry}
+    if kinds != {cfg.algo}:
+        found = " and ".join(adapters.KIND_NAMES[k] for k in sorted(kinds))
+        raise UserError(key, f"{path} holds a {found}, but network.algo is {cfg.algo}.",
+                        f"Set network.algo={sorted(kinds)[0]} to continue from it, or leave network.init_weights "
+                        "null.")
+    dora = any(adapters.DORA_SCALE in entry for entry in modules.values())
+    if dora != cfg.dora:
+        raise UserError(key, f"{path} {'is' if dora else 'is not'} a DoRA (dora_scale tensors), but network.dora "
+                        f"is {str(cfg.dora).lower()}.", f"Set network.dora={str(dora).lower()} to continue from it.")
+    ranks: dict[bool, set[int]] = {False: set(), True: set()}
+    for module, entry in modules.items():
+        rank = adapters.file_rank(cfg.algo, entry)
+        if rank is not None:
+            ranks[bool(module.startswith("lora_unet_") and _SPATIAL_KEY.search(module))].add(rank)
+    for spatial, dim_key, dim in ((False, "network.dim", cfg.dim), (True, "network.conv_dim", cfg.conv_dim)):
+        found = ranks[spatial]
+        if found and found != {dim}:
+            label = "rank" if not spatial else "3×3 conv (LoCon) rank"
+            raise UserError(key, f"{path} has {label} {', '.join(map(str, sorted(found)))}, but {dim_key} is "
+                            f"{'null' if dim is None else dim}.",
+                            f"Set {dim_key}={max(found)} to continue from that LoRA, or leave network.init_weights "
+                            "null.")
 
 
 LORA_FORMATS = ("safetensors", "ckpt", "pt")
