@@ -22,6 +22,41 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("MLFLOW_RUN_ID", None)
 
 REPO = Path(__file__).resolve().parent.parent
+ALL_CORES = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (``-n N``, the default in pyproject) worker i keeps its own share of the cores, and so
+    do the trial processes and servers it starts: on a 2-core machine each worker is a 1-core machine, whose
+    torch and lorasweep (which count cores from the CPU affinity) use one thread. Two workers that each run
+    2-thread torch on 2 shared cores spin-wait in OpenMP and run many times slower than one."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or len(ALL_CORES) < 2:
+        return
+    cores = sorted(ALL_CORES)[int(worker.removeprefix("gw")) % int(count)::int(count)]
+    if cores:
+        os.sched_setaffinity(0, cores)
+
+
+_pin_xdist_worker()
+
+
+@contextlib.contextmanager
+def all_cores() -> Iterator[None]:
+    """Every core for this block (the one-time build of the tiny model, which the other workers wait for)."""
+    if not ALL_CORES or os.sched_getaffinity(0) == ALL_CORES:
+        yield
+        return
+    import torch
+
+    mine, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, ALL_CORES)
+    torch.set_num_threads(len(ALL_CORES))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
+        torch.set_num_threads(threads)
 LORASWEEP = [sys.executable, "-m", "lorasweep.cli"]
 
 # Small but real runs: enough steps for the validation loss to fall, few enough for CI.
@@ -31,8 +66,13 @@ FAST = ["training.max_steps=40", "validation.every_n_steps=20", "sampling.every_
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The model/data cache. Set LORASWEEP_TEST_CACHE to keep it between local test sessions."""
-    path = Path(os.environ.get("LORASWEEP_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
+    """The model/data cache, one for all xdist workers (its builds are file-locked). Set LORASWEEP_TEST_CACHE to
+    keep it between local test sessions."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' common base folder
+    path = Path(os.environ.get("LORASWEEP_TEST_CACHE") or shared / "shared-cache")
+    path.mkdir(parents=True, exist_ok=True)
     os.environ["LORASWEEP_CACHE_DIR"] = str(path)
     return path
 
@@ -65,7 +105,8 @@ def untrained_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model(cache_dir: Path) -> Path:
     from lorasweep.models.tiny import ensure_tiny_model
 
-    return ensure_tiny_model(cache_dir)
+    with all_cores():
+        return ensure_tiny_model(cache_dir)
 
 
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,

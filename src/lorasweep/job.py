@@ -10,8 +10,8 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +69,19 @@ OBJECTIVES: dict[str, str] = {
 }
 
 
+def objective_names(timesteps: Iterable[int]) -> dict[str, str]:
+    """:data:`OBJECTIVES` and ``val_loss/t<t>`` for each of the run's validation timesteps."""
+    from lorasweep.evaluation.validation import timestep_metric
+
+    return {**OBJECTIVES, **{timestep_metric(t): f"final validation loss at timestep {t} alone (lower is better)"
+                             for t in timesteps}}
+
+
+def reported_while_running(objective: str) -> bool:
+    """Whether trials report ``objective`` at every evaluation (so a pruner can act on it)."""
+    return objective == "val_loss" or objective.startswith("val_loss/t")
+
+
 @dataclass(frozen=True)
 class JobResult:
     run_dir: Path
@@ -79,12 +92,16 @@ class JobResult:
     tracking_uri: str | None
     train_time_s: float = float("nan")
     steps: int = 0
+    val_per_timestep: dict[int, float] = field(default_factory=dict)
 
     @property
     def objectives(self) -> dict[str, float]:
-        """Every metric in :data:`OBJECTIVES` for this run."""
+        """Every metric in :func:`objective_names` for this run."""
+        from lorasweep.evaluation.validation import timestep_metric
+
         return {"val_loss": self.val_loss, "val_loss_drop": 1.0 - self.val_loss / self.val_loss_start,
-                "steps_per_s": self.steps / self.train_time_s, "train_time_s": self.train_time_s}
+                "steps_per_s": self.steps / self.train_time_s, "train_time_s": self.train_time_s,
+                **{timestep_metric(t): v for t, v in self.val_per_timestep.items()}}
 
 
 def resolve_train_dir(cfg: TrainConfig) -> Path:
@@ -126,30 +143,12 @@ def _check_output_folders(tc: TrainConfig) -> None:
 
 
 def _check_init_weights(tc: TrainConfig) -> None:
-    """``network.init_weights``: a readable kohya LoRA whose rank is ``network.dim`` (header only, cheap); a
-    damaged file or the wrong rank would otherwise stop the run after the base model has loaded."""
-    from safetensors import SafetensorError, safe_open
+    """``network.init_weights``: a readable kohya/LyCORIS file of this network's algorithm and ranks (header
+    only, cheap); a damaged file or the wrong rank would otherwise stop the run after the base model has loaded."""
+    if tc.network.init_weights:
+        from lorasweep.network.kohya import check_lora_header
 
-    key = "network.init_weights"
-    if not tc.network.init_weights:
-        return
-    path = Path(tc.network.init_weights).expanduser()
-    hint = "Point it at a kohya-format LoRA .safetensors file (e.g. a run's lora/lora.safetensors), or set it to null."
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            ranks = {handle.get_slice(name).get_shape()[0] for name in handle.keys()  # noqa: SIM118
-                     if name.startswith(("lora_unet_", "lora_te")) and name.endswith(".lora_down.weight")}
-    except (SafetensorError, OSError, ValueError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(key, f"{path} is not a readable .safetensors file ({detail}); it may be truncated or "
-                        "damaged.", hint) from None
-    if not ranks:
-        raise UserError(key, f"{path} holds no kohya LoRA weights (no lora_unet_*/lora_te*.lora_down.weight "
-                        "tensors).", hint)
-    if ranks != {tc.network.dim}:
-        raise UserError(key, f"{path} has rank {', '.join(map(str, sorted(ranks)))}, but network.dim is "
-                        f"{tc.network.dim}.", f"Set network.dim={max(ranks)} to continue from that LoRA, or "
-                        "leave network.init_weights null.")
+        check_lora_header(Path(tc.network.init_weights).expanduser(), tc.network)
 
 
 def check_tracking_uri(tc: TrainConfig) -> None:
@@ -363,7 +362,8 @@ def run_job(cfg: DictConfig, run_dir: Path, *, tags: dict[str, str] | None = Non
         status = "FINISHED"
         job_result = JobResult(run_dir, result.val_loss_start, result.val_loss, lora_path,
                                None if tracker is None else tracker.run_id, None if tracker is None else tracker.uri,
-                               train_time_s=train_time, steps=result.steps)
+                               train_time_s=train_time, steps=result.steps,
+                               val_per_timestep=result.val_per_timestep)
         if result.feature_cache:
             log.info("feature cache: %s", ", ".join(f"{kind} {c['hits']} hits, {c['built']} built"
                                                    for kind, c in result.feature_cache.items()))

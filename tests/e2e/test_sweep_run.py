@@ -121,8 +121,10 @@ def test_report_files_and_rebuild(slots_sweep: dict[str, Any]) -> None:
 
 def test_pruning_failures_and_the_failure_budget(tiny_model: Path, tmp_path: Path) -> None:
     """In-process (basic launcher): a pruned trial stops early, a non-finite loss and a bad config fail
-    their trial but not the sweep; a resumed sweep stops once failures over the whole study pass the budget."""
+    their trial but not the sweep; a resumed sweep stops once failures over the whole study pass the budget.
+    The objective is one validation timestep's loss, which trials report, and the pruner judges, as they run."""
     args = sweep_args(tmp_path, "faults", "hydra.sweeper.n_trials=3", "hydra.sweeper.max_failures=2",
+                      "hydra.sweeper.objective=val_loss/t800",
                       "hydra.sweeper.pruner=median", "++hydra.sweeper.pruner_args={n_startup_trials:1}",
                       "training.max_steps=40", f"hydra.sweeper.custom_search_space={HOOKS}.outcomes",
                       "network.dim=choice(4)", launcher="basic")
@@ -135,6 +137,11 @@ def test_pruning_failures_and_the_failure_budget(tiny_model: Path, tmp_path: Pat
     pruned = study.trials[1]
     assert max(pruned.intermediate_values) < 40  # it stopped before the end
     assert pruned.intermediate_values[10] > study.trials[0].intermediate_values[10]
+    first = json.loads((tmp_path / "sweeps" / "faults" / "0" / "run.json").read_text())
+    assert study.trials[0].value == first["objectives"]["val_loss/t800"] != first["val_loss"]
+    rows = map(json.loads, (tmp_path / "sweeps" / "faults" / "0" / "metrics.jsonl").read_text().splitlines())
+    reported = {row["step"]: row["val_loss/t800"] for row in rows if "val_loss/t800" in row}
+    assert study.trials[0].intermediate_values == {s: v for s, v in reported.items() if s > 0}
     assert "became nan" in study.trials[2].user_attrs["error"] or "became inf" in study.trials[2].user_attrs["error"]
     assert "network.dim" in study.trials[3].user_attrs["error"]
 

@@ -126,7 +126,8 @@ def _event_tags(path: Path) -> set[str]:
 # 24 batches an epoch: step saves at 12, 24 (an epoch's end), 36 (mid-epoch), 48 (with the epoch-2 snapshot)...
 COMMON_STATE = ["training.max_steps=null", "training.epochs=4", "output.save_every_n_epochs=2",
                 "output.save_every_n_steps=12", "output.save_state=true", "precision.save=float",
-                "network.dropout=0.1", "training.log_every_n_steps=1"]
+                "network.dropout=0.1", "training.log_every_n_steps=1", "training.ema.enabled=true",
+                "training.ema.decay=0.9", "training.ema.every_n_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,8 @@ def stateful_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_state_resume_continues_bitwise(stateful_run: Path) -> None:
     """`lorasweep resume RUN --state <after epoch 2>` ends with the uninterrupted run's LoRA, bit for bit
-    (optimizer, scheduler, RNGs incl. LoRA dropout, data order restored), and its validation history."""
+    (optimizer, scheduler, RNGs incl. LoRA dropout, data order and the EMA of the weights restored), and its
+    validation history. The LoRA files hold the EMA weights, the states the trained ones and the average."""
     first = stateful_run
     states = sorted(p.name for p in (first / "state").iterdir())
     assert states == [f"step-{n:06d}" for n in (12, 24, 36, 48, 60, 72, 84, 96)]
@@ -157,6 +159,11 @@ def test_state_resume_continues_bitwise(stateful_run: Path) -> None:
     assert rec_b["steps"] == rec_a["steps"]
     assert rec_b["val_history"] == rec_a["val_history"]
     assert rec_b["resumed_from"] == str(middle.resolve())
+    final = first / "state" / "step-000096"
+    trained, ema = load_file(final / "lora.safetensors"), torch.load(final / "training.pt")["ema"]
+    assert ema["optimization_step"] == 48 and len(ema["shadow_params"]) == len(a) - len(
+        [k for k in a if k.endswith(".alpha")])
+    assert not all(torch.equal(a[k], trained[k]) for k in a)  # the file is the average, not the last weights
     # The resumed run only wrote what came after the state: no epoch-2 or step-48 snapshot again.
     assert sorted(p.name for p in (resumed / "lora").iterdir()) == [
         "lora-step00000060.safetensors", "lora-step00000072.safetensors", "lora-step00000084.safetensors",

@@ -88,7 +88,7 @@ def test_lets_json_values_are_converted(tmp_path: Path) -> None:
     assert "output.export_dir" not in values  # "" = unset
     reasons = {n.source: n.reason for n in conversion.not_applied}
     assert "lorasweep queue" in reasons["multi_run_folder"]
-    assert "noise-offset" in reasons["noise_offset"]
+    assert values["training.noise_offset"] == 0.1
     assert "unknown setting" in reasons["some_future_key"]
     assert "networks.lora" in reasons["network_module"]
     assert set(reasons) | {m.source for m in conversion.mapped} == set(LETS)  # every setting is accounted for
@@ -101,7 +101,11 @@ def test_kohya_toml_sections_epochs_and_warmup(tmp_path: Path) -> None:
                     'network_train_unet_only = true\nsave_every_n_steps = 250\n'
                     '[optimizer_arguments]\noptimizer_type = "Lion"\n'
                     'optimizer_args = ["weight_decay=0.05", "betas=0.95,0.98", "decouple=True"]\n'
-                    'resolution = "768,768"\nmin_snr_gamma = 5\n[x]\nmin_bucket_reso = 256\n')
+                    'resolution = "768,768"\nmin_snr_gamma = 5\n[x]\nmin_bucket_reso = 256\n'
+                    '[loss]\nloss_type = "huber"\nhuber_schedule = "exponential"\nmultires_noise_iterations = 6\n'
+                    'debiased_estimation_loss = true\n[network_arguments]\nnetwork_module = "lycoris.kohya"\n'
+                    'network_args = ["algo=locon", "conv_dim=8", "conv_alpha=4", "rank_dropout=0.1", '
+                    '"loraplus_lr_ratio=16"]\n')
     conversion = convert_file(toml)
     values = conversion.values()
     assert conversion.kind == KOHYA_TOML
@@ -111,7 +115,12 @@ def test_kohya_toml_sections_epochs_and_warmup(tmp_path: Path) -> None:
     assert (values["optimizer.beta1"], values["optimizer.beta2"]) == (0.95, 0.98)
     assert values["data.resolution"] == 768 and values["network.train_text_encoder"] is False
     assert values["data.buckets.min_side"] == 256 and values["output.save_every_n_steps"] == 250
-    assert "min-SNR" in {n.source: n.reason for n in conversion.not_applied}["min_snr_gamma"]
+    assert values["training.min_snr_gamma"] == 5 and values["training.loss_type"] == "huber"
+    assert values["training.huber_schedule"] == "exponential" and values["training.multires_noise_iterations"] == 6
+    assert values["training.debiased_estimation"] is True
+    assert (values["network.algo"], values["network.conv_dim"], values["network.conv_alpha"]) == ("lora", 8, 4.0)
+    assert values["network.rank_dropout"] == 0.1 and values["network.loraplus_lr_ratio"] == 16
+    assert "network_args" in {n.source: n.reason for n in conversion.not_applied}["network_module"]
 
     toml.write_text("max_train_epochs = 4\nmax_train_steps = 1000\nlr_warmup_steps = 50\n")
     conversion = convert_file(toml)
@@ -213,6 +222,17 @@ def test_a_bad_value_from_the_file_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(UserError) as info:
         compose([f"legacy.load_json_path={path}", "network.dim=-1"]).train_config()
     assert "set by" not in info.value.where  # the user's own value is the user's mistake
+
+
+@pytest.mark.parametrize(("args", "fragment"), [('["down_lr_weight=1,1,1"]', "down_lr_weight=1,1,1: not a network"),
+                                               ('["algo=ia3"]', "algo=ia3: lorasweep trains lora, locon"),
+                                               ('"conv_dim"', "expected key=value items")])
+def test_unsupported_network_args_stop_the_import(tmp_path: Path, args: str, fragment: str) -> None:
+    toml = tmp_path / "kohya.toml"
+    toml.write_text(f"network_args = {args}\n")
+    with pytest.raises(UserError) as info:
+        convert_file(toml)
+    assert "network_args" in str(info.value) and fragment in str(info.value)
 
 
 def test_lets_json_round_trips(tmp_path: Path) -> None:

@@ -42,3 +42,35 @@ def test_preset_composes_and_its_search_space_is_valid(preset: str) -> None:
         assert grid_size(space) == sweeper.n_trials  # a grid preset runs its whole grid, once
     if preset == "tpe_full":
         assert sweeper.n_trials >= 50 and len(space.distributions) >= 10
+
+
+def test_modern_knobs_give_valid_configs_for_every_branch() -> None:
+    """The conditional space of tpe_full: 200 sampled trials, each a config that passes every check, and every
+    branch (each algorithm, DoRA, LoRA+, each noise kind and loss type, EMA on) is reached."""
+    import optuna
+
+    from lorasweep.config.train import TrainConfig
+    from lorasweep.sweeping.knobs import modern_knobs
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen: set[str] = set()
+    for _ in range(200):
+        trial = study.ask()
+        values = modern_knobs(None, trial)
+        cfg = TrainConfig()
+        for key, value in values.items():
+            *path, leaf = key.split(".")
+            node = cfg
+            for part in path:
+                node = getattr(node, part)
+            assert hasattr(node, leaf), key
+            setattr(node, leaf, value)
+        cfg.validate()
+        seen |= {f"{k}={v}" for k, v in values.items() if isinstance(v, str | bool) or v is None}
+        study.tell(trial, 0.0)
+    for branch in ("network.algo=loha", "network.algo=lokr", "network.dora=True", "network.loraplus_lr_ratio=None",
+                   "training.loss_type=smooth_l1", "training.ema.enabled=True", "network.conv_dim=None"):
+        assert branch in seen, branch
+    assert any("training.multires_noise_iterations" in t.params for t in study.trials)
+    assert any("training.noise_offset" in t.params for t in study.trials)

@@ -63,6 +63,8 @@ class TrainConfig:
         for node in EXTRA_NODES:
             getattr(self, node).validate(node)
         self.precision.check_device(self.training.device)
+        self.training.check_with(v_parameterization=self.model.v_parameterization)
+        self.network.check_with(optimizer=self.optimizer.name)
         self.optimizer.check_with(device=self.training.device, train_unet=self.network.train_unet,
                                   train_text_encoder=self.network.train_text_encoder)
 

@@ -4,9 +4,10 @@ diffusion objective (kohya sd-scripts' semantics; :mod:`lorasweep.training.noise
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lorasweep.config._checks import check_choice, check_range
+from lorasweep.config.ema import EmaConfig
 from lorasweep.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -154,7 +155,12 @@ class TrainingConfig:
     one timestep, as kohya does. Restricting the range focuses training on composition (high t) or detail
     (low t). kohya: ``--max_timestep``."""
 
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    """An exponential moving average of the LoRA weights (``training.ema.enabled`` …): validation, samples and
+    the saved file use the average when it is on."""
+
     def validate(self, key: str = "training") -> None:
+        self.ema.validate(f"{key}.ema")
         if self.max_steps is not None:
             check_range(f"{key}.max_steps", self.max_steps, low=1)
         check_range(f"{key}.epochs", self.epochs, low=1)

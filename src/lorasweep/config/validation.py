@@ -14,13 +14,17 @@ class ValidationConfig:
     comparable and a sweep's pruner sees a signal, not noise."""
 
     split: float = 0.25
-    """Fraction of the training images held out (a seeded choice; never trained on)."""
+    """Fraction of the training images held out (a seeded choice; never trained on). Regularisation images
+    (``data.reg_dir``) are never held out. kohya: ``--validation_split``."""
 
     seed: int = 0
-    """Seed of the split and of the validation noise; independent of ``training.seed``."""
+    """Seed of the split and of the validation noise; independent of ``training.seed``, so runs with different
+    training seeds are measured on the same images and noise. kohya: ``--validation_seed``."""
 
-    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
-    """Fixed diffusion timesteps the loss is averaged over."""
+    timesteps: list[int] = field(default_factory=lambda: [200, 400, 600, 800])
+    """Fixed diffusion timesteps the loss is averaged over; each is also logged alone as ``val_loss/t<t>``
+    (a sweep may optimise one: ``hydra.sweeper.objective=val_loss/t200``). The default is kohya's: four points
+    evenly inside the timestep range. Low timesteps measure detail, high ones composition."""
 
     repeats: int = 2
     """Fixed noise draws per image and timestep (more = less variance, slower)."""
@@ -38,6 +42,9 @@ class ValidationConfig:
             raise UserError(f"{key}.timesteps", "is empty.", "Give at least one timestep, e.g. [500].")
         for t in self.timesteps:
             check_range(f"{key}.timesteps", t, low=0, high=999)
+        if len(set(self.timesteps)) != len(self.timesteps):
+            raise UserError(f"{key}.timesteps", f"{list(self.timesteps)} repeats a timestep.",
+                            "List each timestep once (validation.repeats sets how many noise draws each gets).")
         check_range(f"{key}.repeats", self.repeats, low=1)
         if self.every_n_steps is not None:
             check_range(f"{key}.every_n_steps", self.every_n_steps, low=1)

@@ -26,6 +26,7 @@ from lorasweep.config.optimizer import OPTIMIZERS
 from lorasweep.config.precision import MIXED, SAVE
 from lorasweep.config.scheduler import SCHEDULERS
 from lorasweep.config.train import TrainConfig
+from lorasweep.config.training import HUBER_SCHEDULES, LOSS_TYPES
 from lorasweep.legacy import schema
 from lorasweep.legacy.schema import BadValue
 
@@ -285,8 +286,43 @@ def _export_optimizer_args(cfg: TrainConfig) -> dict[str, str]:
 
 def _network_module(raw: Any, ctx: Context) -> Pairs:
     if isinstance(raw, str) and raw.strip().endswith("networks.lora"):
-        raise Skip("lorasweep always trains kohya's networks.lora")
-    raise BadValue(f"{raw!r}: lorasweep trains LoRA (networks.lora) only")
+        raise Skip("kohya's networks.lora is network.algo=lora (LoCon with network_args conv_dim)")
+    if isinstance(raw, str) and raw.strip() == "lycoris.kohya":
+        raise Skip("LyCORIS: the algorithm comes from network_args algo=... (network.algo)")
+    raise BadValue(f"{raw!r}: lorasweep trains networks.lora and lycoris.kohya (LoRA/LoCon, LoHa, LoKr, DoRA)")
+
+
+#: kohya/LyCORIS ``network_args`` names → lorasweep keys.
+_NETWORK_ARGS = {"conv_dim": "network.conv_dim", "conv_alpha": "network.conv_alpha", "algo": "network.algo",
+                 "dora_wd": "network.dora", "rank_dropout": "network.rank_dropout",
+                 "module_dropout": "network.module_dropout", "factor": "network.lokr_factor",
+                 "dropout": "network.dropout", "loraplus_lr_ratio": "network.loraplus_lr_ratio",
+                 "loraplus_unet_lr_ratio": "network.loraplus_unet_lr_ratio",
+                 "loraplus_text_encoder_lr_ratio": "network.loraplus_text_encoder_lr_ratio"}
+_ALGO_NAMES = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
+
+
+def _network_args(raw: Any, ctx: Context) -> Pairs:
+    """kohya: ``["conv_dim=8", "conv_alpha=4", "algo=loha", ...]`` (or one spaced string)."""
+    if raw is None:
+        raise Skip("null: none given")
+    texts = raw.split() if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not all(isinstance(t, str) and "=" in t for t in texts):
+        raise BadValue(f"expected key=value items (e.g. conv_dim=8 conv_alpha=4), got {raw!r}")
+    pairs: Pairs = []
+    for text in texts:
+        name, item = (part.strip() for part in text.split("=", 1))
+        if name not in _NETWORK_ARGS:
+            raise BadValue(f"{name}={item}: not a network argument lorasweep supports (it takes "
+                           f"{', '.join(_NETWORK_ARGS)})")
+        target = _NETWORK_ARGS[name]
+        if name == "algo":
+            if item.lower() not in _ALGO_NAMES:
+                raise BadValue(f"algo={item}: lorasweep trains {', '.join(_ALGO_NAMES)}")
+            pairs.append((target, _ALGO_NAMES[item.lower()]))
+        else:
+            pairs.append((target, schema.coerce(target, item)))
+    return pairs
 
 
 def _state_dir(raw: Any, ctx: Context) -> Pairs:
@@ -369,8 +405,9 @@ TABLE: tuple[LegacyKey, ...] = (
          value("network.init_weights", blank_is_unset=True)),
     _row(None, "network_dropout", "network.dropout", value("network.dropout", null=0.0)),
     LegacyKey("network_module", "network_module", (), _network_module,
-              reason="lorasweep always trains kohya's networks.lora"),
-    _unsupported(None, "network_args", "extra network options (LoCon conv_dim, block weights...) are not supported"),
+              reason="networks.lora and lycoris.kohya; the variant comes from network_args"),
+    LegacyKey(None, "network_args", tuple(_NETWORK_ARGS.values()), _network_args,
+              reason="LoCon, LyCORIS and LoRA+ arguments; block weights are not supported"),
     _row("training_comment", "training_comment", "output.comment"),
     _row("no_meta", "no_metadata", "output.no_metadata"),
     # optimizer and schedule
@@ -418,6 +455,26 @@ TABLE: tuple[LegacyKey, ...] = (
     _row("v2", "v2", "model.v2"),
     _row("v_parameterization", "v_parameterization", "model.v_parameterization"),
     _row("vae", "vae", "model.vae", value("model.vae", blank_is_unset=True)),
+    # noise and loss (kohya's None = off = 0 here, except min_snr_gamma)
+    _row("noise_offset", "noise_offset", "training.noise_offset", value("training.noise_offset", null=0.0)),
+    _row(None, "noise_offset_random_strength", "training.noise_offset_random_strength"),
+    _row(None, "adaptive_noise_scale", "training.adaptive_noise_scale",
+         value("training.adaptive_noise_scale", null=0.0)),
+    _row(None, "multires_noise_iterations", "training.multires_noise_iterations",
+         value("training.multires_noise_iterations", null=0)),
+    _row(None, "multires_noise_discount", "training.multires_noise_discount"),
+    _row(None, "ip_noise_gamma", "training.ip_noise_gamma", value("training.ip_noise_gamma", null=0.0)),
+    _row(None, "ip_noise_gamma_random_strength", "training.ip_noise_gamma_random_strength"),
+    _row(None, "min_snr_gamma", "training.min_snr_gamma", value("training.min_snr_gamma", zero_is_null=True)),
+    _row(None, "debiased_estimation_loss", "training.debiased_estimation"),
+    _row(None, "zero_terminal_snr", "training.zero_terminal_snr"),
+    _row(None, "min_timestep", "training.min_timestep", value("training.min_timestep", null=0)),
+    _row(None, "max_timestep", "training.max_timestep", value("training.max_timestep", null=1000)),
+    _row(None, "loss_type", "training.loss_type", choice("training.loss_type", {t: t for t in LOSS_TYPES})),
+    _row(None, "huber_schedule", "training.huber_schedule",
+         choice("training.huber_schedule", {s: s for s in HUBER_SCHEDULES})),
+    _row(None, "huber_c", "training.huber_c"),
+    _row(None, "huber_scale", "training.huber_scale"),
     # precision, memory, speed
     _row("mixed_precision", "mixed_precision", "precision.mixed",
          choice("precision.mixed", {m: m for m in MIXED}, null="no")),
@@ -461,8 +518,6 @@ TABLE: tuple[LegacyKey, ...] = (
                  "lorasweep saves every N epochs only (output.save_every_n_epochs)"),
     _unsupported("save_last_n_epochs", "save_last_n_epochs", "lorasweep never deletes a saved snapshot"),
     _unsupported("save_last_n_epochs_state", "save_last_n_epochs_state", "lorasweep never deletes a saved state"),
-    _unsupported("noise_offset", "noise_offset", "lorasweep has no noise-offset option"),
-    _unsupported(None, "min_snr_gamma", "lorasweep has no min-SNR loss weighting option"),
     _unsupported("lowram", "lowram", "lorasweep has no low-RAM loading mode"),
     _unsupported("log_prefix", "log_prefix", "runs are named by output.run_name and tracking.run_name"),
     _unsupported("face_crop_aug_range", "face_crop_aug_range", "face-crop augmentation is not supported"),

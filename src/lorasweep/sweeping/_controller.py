@@ -90,14 +90,15 @@ class SweepController:
     # ---------------------------------------------------------------------------------------------- checks
 
     def _objectives(self) -> tuple[list[str], list[str]]:
-        from lorasweep.job import OBJECTIVES
+        from lorasweep.job import objective_names
 
         raw = self.conf.objective
         objectives = [raw] if isinstance(raw, str) else [str(o) for o in raw]
+        names = objective_names(int(t) for t in self.config.validation.timesteps)
         for name in objectives:
-            if name not in OBJECTIVES:
+            if name not in names:
                 raise UserError(f"{_KEY}.objective", f"{name!r} is not a metric a run returns.",
-                                "Choose from: " + ", ".join(f"{k} ({v})" for k, v in OBJECTIVES.items()) + ".")
+                                "Choose from: " + ", ".join(f"{k} ({v})" for k, v in names.items()) + ".")
         directions = parse_directions(self.conf.direction)
         if len(directions) == 1 and len(objectives) > 1:
             directions = directions * len(objectives)
@@ -217,6 +218,7 @@ class SweepController:
 
     def sweep(self, arguments: list[str]) -> optuna.Study:
         from lorasweep.config.train import to_train_config
+        from lorasweep.job import reported_while_running
         from lorasweep.sweeping.parent import close_parent, open_parent
 
         space = self._space(arguments)
@@ -224,10 +226,11 @@ class SweepController:
         self._check_counts()
         custom = self._custom_space()
         pruner = make_pruner(self.conf.pruner, self.conf.pruner_args, n_objectives=len(objectives))
-        if self.conf.pruner != "none" and objectives != ["val_loss"]:
-            raise UserError(f"{_KEY}.pruner", f"is {self.conf.pruner}, but trials report only val_loss while they "
-                            f"run and the objective is {objectives}.", "Set `hydra.sweeper.pruner=none` or "
-                            "`hydra.sweeper.objective=val_loss`.")
+        if self.conf.pruner != "none" and not (len(objectives) == 1 and reported_while_running(objectives[0])):
+            raise UserError(f"{_KEY}.pruner", f"is {self.conf.pruner}, but trials report only the validation "
+                            f"losses while they run and the objective is {objectives}.",
+                            "Set `hydra.sweeper.pruner=none`, or one objective: `hydra.sweeper.objective=val_loss` "
+                            "(or val_loss/t<timestep>).")
         sampler = make_sampler(self.conf.sampler, seed=self.conf.seed, space=space, n_objectives=len(objectives),
                                args=self.conf.sampler_args)
         train_cfg = to_train_config({k: v for k, v in self.config.items() if k != "hydra"})

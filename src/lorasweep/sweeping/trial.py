@@ -20,8 +20,8 @@ class TrialGone(RuntimeError):
 
 
 class TrialReporter:
-    """Reports ``val_loss`` at each evaluation of a sweep trial and raises ``optuna.TrialPruned`` when the
-    pruner says so."""
+    """Reports the sweep's objective (``val_loss`` or one timestep's ``val_loss/t<t>``) at each evaluation of a
+    sweep trial and raises ``optuna.TrialPruned`` when the pruner says so."""
 
     def __init__(self, cfg: TrialConfig) -> None:
         import optuna
@@ -36,7 +36,11 @@ class TrialReporter:
                                   pruner=make_pruner(cfg.pruner, cfg.pruner_args))
         trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, cfg.number)
         self._trial = optuna.Trial(study, trial_id)
-        self._prunes = cfg.objectives[:1] == ["val_loss"] and len(cfg.objectives) == 1
+        from lorasweep.job import reported_while_running
+
+        #: The metric the pruner watches: the sweep's one objective, when trials report it while they run.
+        self._metric = cfg.objectives[0] if len(cfg.objectives) == 1 and reported_while_running(
+            cfg.objectives[0]) else None
 
     def set_attrs(self, **attrs: Any) -> None:
         """Cross-links on the Optuna trial (run folder, MLflow run id)."""
@@ -47,12 +51,13 @@ class TrialReporter:
         """Called with every metrics row; acts on the validation loss after step 0."""
         import optuna
 
-        if not self._prunes or "val_loss" not in values or step == 0:
+        metric = self._metric
+        if metric is None or metric not in values or step == 0:
             return
-        self._call(self._trial.report, values["val_loss"], step)
+        self._call(self._trial.report, values[metric], step)
         if bool(self._trial.should_prune()):  # may be a numpy bool
-            log.info("trial %d pruned at step %d (val_loss %.6f)", self.number, step, values["val_loss"])
-            raise optuna.TrialPruned(f"pruned at step {step} with val_loss {values['val_loss']:.6f}")
+            log.info("trial %d pruned at step %d (%s %.6f)", self.number, step, metric, values[metric])
+            raise optuna.TrialPruned(f"pruned at step {step} with {metric} {values[metric]:.6f}")
 
     def _call(self, method: Any, *args: Any) -> None:
         from optuna.exceptions import UpdateFinishedTrialError

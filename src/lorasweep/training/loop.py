@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,9 +23,10 @@ from lorasweep.config.train import TrainConfig
 from lorasweep.data.dataset import ImageItem
 from lorasweep.data.loader import TrainData
 from lorasweep.evaluation.samples import Sample, render_samples
-from lorasweep.evaluation.validation import ValidationLoss
+from lorasweep.evaluation.validation import ValidationLoss, ValidationScores
 from lorasweep.models.loading import BaseModel
 from lorasweep.models.text import CaptionTokens, encode_tokens, tokenize
+from lorasweep.training.ema import LoraEma
 from lorasweep.training.noise import noisy_latents, training_scheduler
 from lorasweep.training.objective import TrainingLoss, training_target
 from lorasweep.training.optim import build_lr_scheduler, build_optimizer, effective_learning_rates, warmup_steps
@@ -78,6 +79,8 @@ class TrainResult:
     feature_cache: dict[str, Any] = field(default_factory=dict)
     """Hits and entries built per feature kind (``{"latents": {"hits": 8, "built": 0}}``)."""
     conv_kernels: dict[str, Any] = field(default_factory=dict)
+    val_per_timestep: dict[int, float] = field(default_factory=dict)
+    """The last evaluation's loss at each validation timestep (empty when this call evaluated nothing)."""
     """The CPU convolution kernels the run used (:func:`training.kernels.conv_kernels`)."""
 
 
@@ -248,7 +251,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         total_steps, n_epochs = total_optimizer_steps(cfg, batches_per_epoch)
         plan = Plan(total_steps, n_epochs, batches_per_epoch, warmup_steps(cfg.scheduler, total_steps),
                     data.num_reg_images, data.bucket_info() if cfg.data.buckets.enabled else None)
-        optimizer = build_optimizer(cfg.optimizer, unet_params, te_params)
+        optimizer = build_optimizer(cfg.optimizer, unet_params, te_params, loraplus=network.loraplus())
         lr_scheduler = build_lr_scheduler(cfg.scheduler, optimizer, total_steps)
         trained = [m for m, p in ((unet, unet_params), (text_encoder, te_params)) if p]
         prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
@@ -256,6 +259,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         unet_fwd = trained[0] if unet_params else unet
         te_fwd = trained[-1] if te_params else text_encoder
         params = unet_params + te_params
+        ema = LoraEma(tc.ema, params) if tc.ema.enabled else None
         for module in trained:
             module.train()
         unet_step = torch.compile(unet_fwd) if tc.compile else unet_fwd  # evaluation runs uncompiled (eval mode)
@@ -267,28 +271,42 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
             if resume.training["scaler"] is not None and accelerator.scaler is not None:
                 accelerator.scaler.load_state_dict(resume.training["scaler"])
             set_rng_states(resume.training["rng"], generators)
+            if ema is not None and resume.training.get("ema") is not None:
+                ema.load_state_dict(resume.training["ema"])
             position = resume.position
 
         val_states = None if frozen_text is None else frozen_text([it.caption for it in val_items])
 
-        def evaluate() -> float:
-            return validation(unet_fwd, te_fwd, encode, accelerator.autocast, states=val_states)
+        def averaged() -> AbstractContextManager[None]:
+            """The EMA weights in place of the trained ones, for what a run shows and saves."""
+            return ema.applied() if ema is not None else nullcontext()
+
+        def evaluate() -> ValidationScores:
+            with averaged():
+                return validation.scores(unet_fwd, te_fwd, encode, accelerator.autocast, states=val_states)
 
         def sample(step: int) -> None:
             if cfg.sampling.enabled:
-                recorder.samples(step, render_samples(
-                    cfg.sampling, unet=accelerator.unwrap_model(unet_fwd), vae=vae,
-                    text_encoder=accelerator.unwrap_model(te_fwd), tokenizer=base.tokenizer,
-                    noise_scheduler=noise_scheduler, size=cfg.data.size, clip_skip=cfg.model.clip_skip,
-                    max_token_length=max_tokens, device=device))
+                with averaged():
+                    images = render_samples(
+                        cfg.sampling, unet=accelerator.unwrap_model(unet_fwd), vae=vae,
+                        text_encoder=accelerator.unwrap_model(te_fwd), tokenizer=base.tokenizer,
+                        noise_scheduler=noise_scheduler, size=cfg.data.size, clip_skip=cfg.model.clip_skip,
+                        max_token_length=max_tokens, device=device)
+                recorder.samples(step, images)
 
         def lr_values() -> dict[str, float]:
             return {f"lr/{name}": value for name, value in effective_learning_rates(optimizer).items()}
 
-        def lora_tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        def trained_tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
             return to_kohya_state_dict(accelerator.unwrap_model(unet_fwd) if unet_params else None,
                                        accelerator.unwrap_model(te_fwd) if te_params else None,
                                        alpha=cfg.network.effective_alpha, dtype=dtype)
+
+        def lora_tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+            """What LoRA files hold: the EMA weights when ``training.ema`` is on (states keep the trained ones)."""
+            with averaged():
+                return trained_tensors(dtype)
 
         saved_states: list[Path] = []
 
@@ -297,15 +315,17 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         def checkpoint(at: Position) -> None:
             if cfg.output.save_state and state_root is not None:
                 saved_states.append(save_state(
-                    state_root / f"step-{at.step:06d}", cfg=cfg, position=at, lora=lora_tensors(torch.float32),
+                    state_root / f"step-{at.step:06d}", cfg=cfg, position=at, lora=trained_tensors(torch.float32),
                     optimizer=optimizer, scheduler=lr_scheduler, scaler=accelerator.scaler, generators=generators,
-                    data_digest=data_digest, extra={"val_history": history}))
+                    data_digest=data_digest, extra={"val_history": history},
+                    ema=None if ema is None else ema.state_dict()))
 
         step = position.step
+        scores: ValidationScores | None = None
         if step == 0:
-            val = evaluate()
-            history = [(0, val)]
-            recorder.metrics(0, {"val_loss": val, **lr_values()})
+            scores = evaluate()
+            history = [(0, scores.mean)]
+            recorder.metrics(0, {**scores.metrics(), **lr_values()})
             sample(0)
         else:
             history = [(int(s), float(v)) for s, v in resume.extra.get("val_history", [])] if resume else []
@@ -359,6 +379,8 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                     continue
                 step += 1
                 interval_steps += 1
+                if ema is not None:
+                    ema.update(step)
                 if first_step_at is None:
                     first_step_at = time.perf_counter()
                 last = step == total_steps
@@ -371,7 +393,8 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                     recorder.metrics(step, {"loss": mean_loss, "epoch": epoch, **lr_values(),
                                             "throughput/steps_per_s": interval_steps / elapsed,
                                             "throughput/samples_per_s": interval_images / elapsed,
-                                            "throughput/data_wait_share": min(data_wait / elapsed, 1.0)})
+                                            "throughput/data_wait_share": min(data_wait / elapsed, 1.0),
+                                            **({} if ema is None else {"ema/decay": ema.decay})})
                     recorder.progress(step, total_steps, mean_loss)
                     loss_sum.zero_()
                     loss_count = 0
@@ -381,9 +404,9 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                     interval_start = time.perf_counter()
                 off_start = time.perf_counter()
                 if (cfg.validation.every_n_steps and step % cfg.validation.every_n_steps == 0) or last:
-                    val = evaluate()
-                    history.append((step, val))
-                    recorder.metrics(step, {"val_loss": val})
+                    scores = evaluate()
+                    history.append((step, scores.mean))
+                    recorder.metrics(step, scores.metrics())
                 if (cfg.sampling.every_n_steps and step % cfg.sampling.every_n_steps == 0) or last:
                     sample(step)
                 if last:
@@ -416,7 +439,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         return TrainResult(steps=step, val_loss_start=val_start, val_loss=history[-1][1] if history else float("nan"),
                            plan=plan, val_history=history, lora_tensors=lora_tensors(save_dtype), states=saved_states,
                            feature_cache=describe(stores), first_step_at=first_step_at,
-                           conv_kernels=kernels)
+                           conv_kernels=kernels, val_per_timestep={} if scores is None else scores.per_timestep)
     finally:
         scope.close()
         _restore(network, (unet, vae, text_encoder))

@@ -116,12 +116,14 @@ def set_rng_states(states: dict[str, Any], generators: dict[str, torch.Generator
 
 def save_state(folder: Path, *, cfg: TrainConfig, position: Position, lora: dict[str, torch.Tensor],
                optimizer: Any, scheduler: Any, scaler: Any, generators: dict[str, torch.Generator],
-               data_digest: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+               data_digest: str | None = None, extra: dict[str, Any] | None = None,
+               ema: dict[str, Any] | None = None) -> Path:
     """Write one state folder ``folder`` atomically (temporary sibling, then rename); never replaces one.
     A full or unwritable disk is a ``UserError`` that leaves the states saved before untouched.
 
     ``data_digest``: :func:`data_fingerprint` of the training (and regularisation) images.
-    ``extra``: JSON-able run facts the continuation needs (e.g. the validation history so far)."""
+    ``extra``: JSON-able run facts the continuation needs (e.g. the validation history so far).
+    ``ema``: the EMA of the LoRA weights (:meth:`lorasweep.training.ema.LoraEma.state_dict`), when kept."""
     from safetensors.torch import save_file
 
     if folder.exists():
@@ -138,7 +140,7 @@ def save_state(folder: Path, *, cfg: TrainConfig, position: Position, lora: dict
         save_file({k: v.contiguous() for k, v in lora.items()}, str(tmp / LORA_FILE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": None if scaler is None else scaler.state_dict(),
-                    "rng": rng_states(generators)}, tmp / TRAINING_FILE)
+                    "rng": rng_states(generators), "ema": ema}, tmp / TRAINING_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         _faults.on_write(folder, tmp / STATE_FILE)
         os.replace(tmp, folder)
