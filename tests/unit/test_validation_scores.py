@@ -60,6 +60,6 @@ def test_default_timesteps_are_kohyas() -> None:
 @pytest.mark.parametrize(("timesteps", "fragment"), [([], "is empty"), ([200, 200], "repeats a timestep"),
                                                      ([1000], "out of range")])
 def test_bad_timesteps_are_refused(timesteps: list[int], fragment: str) -> None:
-    with pytest.raises(UserError, match="validation.timesteps") as info:
+    with pytest.raises(UserError, match=r"validation\.timesteps") as info:
         ValidationConfig(timesteps=timesteps).validate()
     assert fragment in str(info.value)
