@@ -81,6 +81,12 @@ def test_epochs_snapshots_export_tensorboard_and_reg_images(tmp_path: Path, user
         (str(user_data), str(reg_data), "mine")
     assert record["status"] == "FINISHED"
     assert record["n_reg_images"] == 6
+    # validation.split holds out a seeded quarter of the user's images; regularisation images never.
+    from lorasweep.data.dataset import scan_folder
+
+    user_images = len(scan_folder(user_data, ".caption").items)
+    assert record["n_val_images"] == round(0.25 * user_images) > 0
+    assert record["n_val_images"] + record["n_train_images"] == user_images
     names = sorted(p.name for p in (run / "lora").iterdir())
     assert names == ["mine-000001.safetensors", "mine-000002.safetensors", "mine.safetensors"]
     assert sorted(p.name for p in export.iterdir()) == names

@@ -107,6 +107,15 @@ def test_mlflow_run(client: MlflowClient, record: dict, run_dir: Path) -> None:
     assert run.data.metrics["val_loss"] == pytest.approx(record["val_loss"])
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert sorted(m.step for m in history) == [0, 20, 40]
+    for t in (200, 400, 600, 800):  # each validation timestep alone, at every evaluation
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, f"val_loss/t{t}")) == [0, 20, 40]
+    # The loss, noise, network-variant and EMA knobs are params like every other key.
+    assert {k: run.data.params[k] for k in ("training.min_snr_gamma", "training.loss_type", "training.noise_offset",
+                                            "network.algo", "network.conv_dim", "network.loraplus_lr_ratio",
+                                            "training.ema.enabled")} == {
+        "training.min_snr_gamma": "None", "training.loss_type": "l2", "training.noise_offset": "0.0",
+        "network.algo": "lora", "network.conv_dim": "None", "network.loraplus_lr_ratio": "None",
+        "training.ema.enabled": "False"}
     for metric in ("loss", "lr/unet", "lr/text_encoder", "throughput/steps_per_s"):
         assert metric in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
