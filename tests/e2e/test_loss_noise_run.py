@@ -25,7 +25,10 @@ KNOBS = {"training.loss_type": "huber", "training.huber_schedule": "exponential"
          "training.min_snr_gamma": "5.0", "training.debiased_estimation": "True",
          "training.multires_noise_iterations": "4", "training.multires_noise_discount": "0.4",
          "training.ip_noise_gamma": "0.1", "training.ip_noise_gamma_random_strength": "True",
-         "training.min_timestep": "100", "training.max_timestep": "900", "training.zero_terminal_snr": "True"}
+         "training.min_timestep": "100", "training.max_timestep": "900", "training.zero_terminal_snr": "True",
+         # and the rest of issue 8 in the same run: LoCon + DoRA, LoRA+, module dropout, EMA
+         "network.conv_dim": "4", "network.dora": "True", "network.loraplus_lr_ratio": "4.0",
+         "network.module_dropout": "0.1", "training.ema.enabled": "True", "training.ema.decay": "0.5"}
 
 
 def _main(work: Path, args: list[str]) -> tuple[int, str]:
@@ -45,7 +48,9 @@ def test_a_run_with_the_loss_and_noise_knobs_finishes_and_records_them(tmp_path:
                                     "tracking.enabled=false", "sampling.every_n_steps=null",
                                     "sampling.num_inference_steps=2",
                                     "sampling.seeds=[0]", "sampling.prompts=[a zorb]", "validation.repeats=1",
-                                    "training.log_every_n_steps=1", *overrides])
+                                    "training.log_every_n_steps=1", *overrides,
+                                    # CUDA's default layout, here on the CPU: DoRA on channels-last convs broke
+                                    "training.channels_last=true"])
     assert code == 0, stderr
     run = next((tmp_path / "outputs" / "runs").iterdir())
     record = json.loads((run / "run.json").read_text())
@@ -58,6 +63,19 @@ def test_a_run_with_the_loss_and_noise_knobs_finishes_and_records_them(tmp_path:
     params = flatten(OmegaConf.to_container(OmegaConf.load(run / "config.yaml")))
     assert {key: params.get(key) for key in KNOBS} == KNOBS
     assert params["training.noise_offset"] == "0.0" and params["training.huber_scale"] == "1.0"
+    lrs = [m for m in losses if "lr/unet_plus" in m]
+    assert lrs and all(m["lr/unet_plus"] == 4 * m["lr/unet"] and m["lr/text_encoder_plus"] == 4 * m["lr/text_encoder"]
+                       for m in lrs)  # LoRA+: the up matrices at 4× the learning rate
+    decays = [m["ema/decay"] for m in losses if "ema/decay" in m]
+    assert decays == pytest.approx([0.0, 2 / 11, 3 / 12])  # diffusers' ramp (1 + n) / (10 + n), under the 0.5 cap
+    from safetensors import safe_open
+
+    with safe_open(str(run / "lora" / "lora.safetensors"), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert any(k.endswith(".dora_scale") for k in keys)
+    assert any("_resnets_" in k and k.endswith(".lora_down.weight") for k in keys)  # LoCon: the 3×3 convs
+    assert meta["ss_network_module"] == "lycoris.kohya" and meta["ss_loss_type"] == "huber"
+    assert json.loads(meta["ss_network_args"])["conv_dim"] == "4"
 
 
 @pytest.mark.parametrize(("args", "fragments"), [

@@ -44,10 +44,12 @@ def children(client: MlflowClient, parent_id: str) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def slots_sweep(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """4 trials in 2 process slots; trial 0 is long, the others short."""
+def slots_sweep(tiny_model: Path, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """4 trials in 2 process slots against a real `mlflow server`; trial 0 is long, the others short. (Also the
+    CI variant of test_load.py: every trial has exactly one folder and one MLflow child run, all agreeing.)"""
     root = tmp_path_factory.mktemp("slots")
     proc = run_cli(sweep_args(root, "slots", "hydra.sweeper.n_trials=4", "hydra.sweeper.max_parallel=2",
+                              f"tracking.uri={mlflow_server}", "tracking.experiment=slots",
                               "hydra.sweeper.seed=0", f"hydra.sweeper.custom_search_space={HOOKS}.long_first",
                               "optimizer.lr=tag(log,interval(1e-4,1e-2))", "network.dim=choice(2,4,8)"),
                    cwd=root, env=ENV)
@@ -81,8 +83,10 @@ def test_trial_folders_mlflow_and_optuna_are_cross_linked(slots_sweep: dict[str,
     assert abs(parent.data.metrics["best_val_loss"] - study.best_value) < 1e-9
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/leaderboard.csv", "report/optimization_results.yaml", "report/plots.html"} <= artifacts
-    runs = {r.data.tags["optuna.trial_number"]: r for r in children(client, parent.info.run_id)}
-    assert sorted(runs) == ["0", "1", "2", "3"]
+    listed = children(client, parent.info.run_id)
+    runs = {r.data.tags["optuna.trial_number"]: r for r in listed}
+    assert sorted(runs) == ["0", "1", "2", "3"] and len(listed) == 4  # one child run per trial, no duplicate
+    assert record.mlflow["tracking_uri"].startswith("http://127.0.0.1:")  # the session's real server
     for trial in study.trials:
         run = runs[str(trial.number)]
         run_dir = sweep_dir / str(trial.number)
@@ -176,7 +180,7 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> None:
 
 
 def test_resume_after_the_controller_is_killed(tiny_model: Path, tmp_path: Path) -> None:
-    args = sweep_args(tmp_path, "resume", "hydra.sweeper.n_trials=3", "hydra.sweeper.max_parallel=2",
+    args = sweep_args(tmp_path, "resume", "hydra.sweeper.n_trials=3", "hydra.sweeper.max_parallel=1",
                       "hydra.sweeper.sampler=random", "hydra.sweeper.seed=0", "hydra.sweeper.retry_interrupted=true",
                       "training.max_steps=60", "validation.every_n_steps=20",
                       "optimizer.lr=tag(log,interval(1e-4,1e-2))")
@@ -354,7 +358,8 @@ def test_out_of_memory_fails_the_trial_not_the_sweep(tiny_model: Path, tmp_path:
 
 def test_quickstart_preset_runs(tiny_model: Path, tmp_path: Path) -> None:
     """The README's main job, shortened: `lorasweep sweep quickstart` with two short trials."""
-    proc = run_cli(["sweep", "quickstart", "hydra.sweeper.n_trials=2", "training.max_steps=10",
+    proc = run_cli(["sweep", "quickstart", "hydra.sweeper.n_trials=2", "hydra.sweeper.max_parallel=1",
+                    "training.max_steps=10",
                     "validation.every_n_steps=5", f"output.root={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study = load(tmp_path, "quickstart")

@@ -209,6 +209,8 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
             module.to(device)
         if tc.channels_last if tc.channels_last is not None else device.type == "cuda":
             unet.to(memory_format=torch.channels_last)
+            for param in unet_params:  # the small LoRA weights keep the default layout: peft's DoRA views a
+                param.data = param.data.contiguous()  # conv adapter's weights as matrices (found on CUDA)
         if device.type == "cuda":  # process-wide flags: set by every run, so a reused process keeps no stale one
             torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
             torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
