@@ -8,7 +8,7 @@ from typing import Any
 
 def long_first(cfg: Any, trial: Any) -> dict[str, Any]:
     """Trial 0 trains much longer than the others, so one slot frees up several times while it runs."""
-    return {"training.max_steps": 400 if trial.number == 0 else 4, "validation.every_n_steps": 200}
+    return {"training.max_steps": 200 if trial.number == 0 else 4, "validation.every_n_steps": 100}
 
 
 def outcomes(cfg: Any, trial: Any) -> dict[str, Any]:
@@ -25,5 +25,5 @@ def launcher_check(cfg: Any, trial: Any) -> dict[str, Any]:
     """0: short, good lr (COMPLETE); 1: long (its slot stays busy while the others run); 2: a far too large lr
     (worse than trial 0 at step 10: PRUNED); later: short (COMPLETE)."""
     long = trial.number == 1
-    return {"training.max_steps": 160 if long else 20, "validation.every_n_steps": 80 if long else 10,
+    return {"training.max_steps": 100 if long else 20, "validation.every_n_steps": 50 if long else 10,
             "optimizer.lr": 0.3 if trial.number == 2 else 1e-3}

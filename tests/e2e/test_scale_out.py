@@ -20,7 +20,7 @@ LAUNCHERS = {
     "lorasweep_process": ["hydra.launcher.devices=[3,5]"],
     "joblib": ["hydra.launcher.n_jobs=2"],
     "submitit_local": ["hydra.launcher.timeout_min=30", "hydra.launcher.cpus_per_task=1"],
-    "lorasweep_ray": ["++hydra.launcher.init_args.num_cpus=2"],
+    "lorasweep_ray": ["++hydra.launcher.init_args.num_cpus=2", "++hydra.launcher.init_args.include_dashboard=false"],
 }
 KILL_TRIAL_3 = {"LORASWEEP_FAULT": "kill:step=10:trial=3"}
 

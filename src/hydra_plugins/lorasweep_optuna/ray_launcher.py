@@ -81,7 +81,7 @@ class LorasweepRayLauncher(Launcher):
         with _INIT_LOCK:
             if not ray.is_initialized():
                 log.info("connecting to Ray at %s", self.address or "a new local instance")
-                ray.init(address=self.address, include_dashboard=False, **self.init_args)
+                ray.init(address=self.address, **{"include_dashboard": False, **self.init_args})  # the user's wins
                 self._started_ray = True
         return ray
 
