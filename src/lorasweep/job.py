@@ -79,7 +79,9 @@ def objective_names(timesteps: Iterable[int]) -> dict[str, str]:
 
 def reported_while_running(objective: str) -> bool:
     """Whether trials report ``objective`` at every evaluation (so a pruner can act on it)."""
-    return objective == "val_loss" or objective.startswith("val_loss/t")
+    from lorasweep.evaluation.validation import TIMESTEP_METRIC_PREFIX
+
+    return objective == "val_loss" or objective.startswith(TIMESTEP_METRIC_PREFIX)
 
 
 @dataclass(frozen=True)

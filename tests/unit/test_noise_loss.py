@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler
 from lorasweep.config.training import TrainingConfig
 from lorasweep.errors import UserError
 from lorasweep.training.noise import draw_noise, draw_timesteps, noisy_latents, pyramid_noise, training_scheduler
-from lorasweep.training.objective import TrainingLoss, huber_threshold, weighted_loss
+from lorasweep.training.objective import TrainingLoss, huber_threshold, per_sample_mse
 
 SEED = 7
 
@@ -60,7 +60,7 @@ def test_defaults_draw_and_weigh_exactly_as_before(latents: torch.Tensor) -> Non
     assert torch.equal(noisy, scheduler.add_noise(latents, expected_noise, expected_t))
     pred, weights = torch.randn(latents.shape, generator=gen(1)), torch.tensor([1.0, 0.5, 1.0])
     loss = TrainingLoss(cfg(), scheduler, scheduler)(pred, noise, timesteps, weights)
-    assert torch.equal(loss, weighted_loss(pred, noise, weights))
+    assert torch.equal(loss, (per_sample_mse(pred, noise) * weights).mean())  # the loop's loss before the knobs
     by_hand = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * weights).mean()
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
 

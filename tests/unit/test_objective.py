@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lorasweep.training.objective import training_target, weighted_loss
+from lorasweep.config.training import TrainingConfig
+from lorasweep.training.objective import TrainingLoss, training_target
 
 
 def _scheduler(prediction_type: str) -> DDPMScheduler:
@@ -48,9 +49,12 @@ def test_prior_loss_weight_scales_regularisation_samples_only() -> None:
     per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     weights = torch.tensor([1.0, 1.0, 0.25, 0.25])  # two training images, two reg images at prior_loss_weight 0.25
     expected = (per_sample * weights).mean()
-    torch.testing.assert_close(weighted_loss(pred, target, weights), expected)
+    scheduler = _scheduler("epsilon")
+    loss = TrainingLoss(TrainingConfig(), scheduler, scheduler)  # the training loss with every knob off
+    t = torch.tensor([10, 200, 500, 900])
+    torch.testing.assert_close(loss(pred, target, t, weights), expected)
     # Zero weight: the reg samples give no gradient at all.
     pred.requires_grad_(True)
-    weighted_loss(pred, target, torch.tensor([1.0, 1.0, 0.0, 0.0])).backward()
+    loss(pred, target, t, torch.tensor([1.0, 1.0, 0.0, 0.0])).backward()
     assert pred.grad is not None
     assert torch.count_nonzero(pred.grad[2:]) == 0 and torch.count_nonzero(pred.grad[:2]) > 0

@@ -37,8 +37,11 @@ class ValidationScores:
         return {"val_loss": self.mean, **{timestep_metric(t): v for t, v in self.per_timestep.items()}}
 
 
+TIMESTEP_METRIC_PREFIX = "val_loss/t"
+
+
 def timestep_metric(timestep: int) -> str:
-    return f"val_loss/t{timestep}"
+    return f"{TIMESTEP_METRIC_PREFIX}{timestep}"
 
 
 class ValidationLoss:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorasweep.config.training import HUBER_LOSSES
+
 
 def modern_knobs(cfg: Any, trial: Any) -> dict[str, Any]:
     """The loss, noise, network-variant and EMA knobs of issue-8 vintage trainers (kohya sd-scripts, LyCORIS,
@@ -38,7 +40,7 @@ def modern_knobs(cfg: Any, trial: Any) -> dict[str, Any]:
     out["training.min_snr_gamma"] = trial.suggest_categorical("training.min_snr_gamma", [None, 1.0, 5.0])
     loss = trial.suggest_categorical("training.loss_type", ["l2", "l1", "huber", "smooth_l1"])
     out["training.loss_type"] = loss
-    if loss in ("huber", "smooth_l1"):
+    if loss in HUBER_LOSSES:
         out["training.huber_c"] = trial.suggest_float("training.huber_c", 0.01, 0.5, log=True)
     out["training.ema.enabled"] = trial.suggest_categorical("training.ema.enabled", [False, True])
     if out["training.ema.enabled"]:

@@ -79,9 +79,9 @@ class TrainResult:
     feature_cache: dict[str, Any] = field(default_factory=dict)
     """Hits and entries built per feature kind (``{"latents": {"hits": 8, "built": 0}}``)."""
     conv_kernels: dict[str, Any] = field(default_factory=dict)
+    """The CPU convolution kernels the run used (:func:`training.kernels.conv_kernels`)."""
     val_per_timestep: dict[int, float] = field(default_factory=dict)
     """The last evaluation's loss at each validation timestep (empty when this call evaluated nothing)."""
-    """The CPU convolution kernels the run used (:func:`training.kernels.conv_kernels`)."""
 
 
 def pick_device(name: str) -> torch.device:

@@ -32,12 +32,6 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
 
 
-def weighted_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Batch mean of per-sample MSE × weight: regularisation images carry ``training.prior_loss_weight``,
-    training images 1 (DreamBooth prior preservation as kohya computes it)."""
-    return (per_sample_mse(pred, target) * weights.to(pred.device, torch.float32)).mean()
-
-
 def snr_table(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """SNR_t = ᾱ_t/(1 − ᾱ_t) for every timestep, computed as kohya's ``all_snr`` does ((√ᾱ/√(1 − ᾱ))²)."""
     return (alphas_cumprod.sqrt() / (1.0 - alphas_cumprod).sqrt()) ** 2
@@ -95,7 +89,8 @@ class TrainingLoss:
     """The training loss of one micro-batch, as ``training.*`` configures it: per-element loss (float32), mean
     over channels and pixels, × the per-sample prior-loss weights, × min-SNR-γ and/or debiased weights (both
     multiply when both are on, as kohya applies them in sequence), batch mean. With the defaults it is exactly
-    :func:`weighted_loss`.
+    the batch mean of :func:`per_sample_mse` × weight (regularisation images carry ``training.prior_loss_weight``,
+    training images 1: DreamBooth prior preservation as kohya computes it).
 
     ``scheduler`` is the training scheduler (its ᾱ feed the Huber ``snr`` schedule, its prediction type the
     v/ε choice); the SNR weights read ``snr_scheduler``'s ᾱ — the base schedule, also under
