@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from lorasweep import _faults
 from lorasweep.config.paths import cache_root
 from lorasweep.config.train import TrainConfig, to_train_config
-from lorasweep.data.dataset import ImageItem, scan_folder, split_validation
+from lorasweep.config.validation import TIMESTEP_METRIC_PREFIX, timestep_metric
+from lorasweep.data.buckets import make_buckets
+from lorasweep.data.dataset import ImageItem, fit_item, scan_folder, split_validation
 from lorasweep.errors import UserError
 from lorasweep.tracking.console import TrainProgress, attach_log_handlers, detach_log_handlers, make_console
 from lorasweep.tracking.files import atomic_write_text
@@ -71,16 +73,12 @@ OBJECTIVES: dict[str, str] = {
 
 def objective_names(timesteps: Iterable[int]) -> dict[str, str]:
     """:data:`OBJECTIVES` and ``val_loss/t<t>`` for each of the run's validation timesteps."""
-    from lorasweep.evaluation.validation import timestep_metric
-
     return {**OBJECTIVES, **{timestep_metric(t): f"final validation loss at timestep {t} alone (lower is better)"
                              for t in timesteps}}
 
 
 def reported_while_running(objective: str) -> bool:
     """Whether trials report ``objective`` at every evaluation (so a pruner can act on it)."""
-    from lorasweep.evaluation.validation import TIMESTEP_METRIC_PREFIX
-
     return objective == "val_loss" or objective.startswith(TIMESTEP_METRIC_PREFIX)
 
 
@@ -99,8 +97,6 @@ class JobResult:
     @property
     def objectives(self) -> dict[str, float]:
         """Every metric in :func:`objective_names` for this run."""
-        from lorasweep.evaluation.validation import timestep_metric
-
         return {"val_loss": self.val_loss, "val_loss_drop": 1.0 - self.val_loss / self.val_loss_start,
                 "steps_per_s": self.steps / self.train_time_s, "train_time_s": self.train_time_s,
                 **{timestep_metric(t): v for t, v in self.val_per_timestep.items()}}
@@ -225,10 +221,9 @@ def preflight(cfg: DictConfig | TrainConfig) -> CheckedInputs:
                                 is_reg=True).items
     check_keep_tokens(scan.items, tc.data)
     _check_init_weights(tc)
-    from lorasweep.data.loader import TrainData  # torch: only once the folders are known to be good
-
-    TrainData(scan.items, reg_items, tc.data, seed=tc.training.seed, batch_size=tc.training.batch_size,
-              prior_loss_weight=tc.training.prior_loss_weight)  # bucket fits: a too-small image fails here
+    buckets = make_buckets(tc.data.size, tc.data.buckets)
+    for item in [*scan.items, *reg_items]:
+        fit_item(item, tc.data, buckets)  # a too-small image fails here, before any folder exists
     # Regularisation images are never held out: the validation loss measures the concept being learned.
     train_items, val_items = split_validation(scan.items, tc.validation.split, tc.validation.seed)
     checked = CheckedInputs(tc, train_dir, train_items, val_items, scan.missing_captions, tuple(reg_items))

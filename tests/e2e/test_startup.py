@@ -17,11 +17,15 @@ HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "mlflow", "
 _PROBE = """
 import contextlib, io, json, sys
 from lorasweep.cli import main
+args, heavy = json.loads(sys.argv[1]), json.loads(sys.argv[2])  # before main: Hydra rewrites sys.argv
 out, err = io.StringIO(), io.StringIO()
 with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = main(json.loads(sys.argv[1]))
+    try:
+        code = main(args)
+    except SystemExit as exit:  # Hydra's multirun path exits instead of returning
+        code = exit.code
 print(json.dumps({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(),
-                  "heavy": sorted(m for m in json.loads(sys.argv[2]) if m in sys.modules)}))
+                  "heavy": sorted(m for m in heavy if m in sys.modules)}))
 """
 
 
@@ -54,3 +58,14 @@ def test_config_and_input_errors_import_nothing_heavy(tmp_path: Path) -> None:
         assert result["code"] == 2, (args, result)
         assert fragment in str(result["stderr"]) and "Traceback" not in str(result["stderr"])
         assert result["heavy"] == [], (args, result["heavy"])
+
+
+def test_sweeper_errors_import_no_training_library(tmp_path: Path) -> None:
+    """The sweeper checks its settings with Optuna alone: a typo in a pruner, sampler or objective answers
+    before torch, diffusers or mlflow load (they cost seconds in every controller)."""
+    for setting, fragment in (("hydra.sweeper.pruner=medain", "median"),
+                              ("hydra.sweeper.objective=accuracy", "val_loss/t200")):
+        result = _probe(["sweep", "quickstart", f"output.root={tmp_path / 'out'}", setting], tmp_path)
+        assert result["code"] == 2, (setting, result)
+        assert fragment in str(result["stderr"]) and "Traceback" not in str(result["stderr"])
+        assert result["heavy"] == ["optuna"], (setting, result["heavy"])

@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 from lorasweep.config._checks import check_range
 from lorasweep.errors import UserError
 
+TIMESTEP_METRIC_PREFIX = "val_loss/t"
+"""Metric names of the per-timestep validation losses (``val_loss/t200``...): runs log them, sweeps optimise
+and prune on them. Here, not beside the evaluation code, so a sweeper can check an objective without torch."""
+
+
+def timestep_metric(timestep: int) -> str:
+    return f"{TIMESTEP_METRIC_PREFIX}{timestep}"
+
 
 @dataclass
 class ValidationConfig:

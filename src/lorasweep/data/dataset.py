@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorasweep.config.data import DataConfig
 from lorasweep.data import images
+from lorasweep.data.buckets import Fit, fit_image
 from lorasweep.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,13 @@ def _read_caption(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise UserError(str(path), f"is not UTF-8 text ({exc.reason} at byte {exc.start}).",
                         "Save the caption file as UTF-8.") from None
+
+
+def fit_item(item: ImageItem, cfg: DataConfig, buckets: list[tuple[int, int]]) -> Fit:
+    """The bucket and resize size of ``item`` among ``buckets`` (``make_buckets`` of ``cfg``); a UserError naming
+    the file when it cannot fit (e.g. smaller than the smallest bucket with upscaling off)."""
+    size = item.size if min(item.size) > 0 else images.probe_image(item.path)
+    return fit_image(size, cfg.size, cfg.buckets, buckets, where=str(item.path))
 
 
 def split_validation(items: list[ImageItem], fraction: float, seed: int) -> tuple[list[ImageItem],

@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lorasweep.config.data import DataConfig
 from lorasweep.data import images
-from lorasweep.data.buckets import Fit, aspect_error, fit_image, make_buckets
+from lorasweep.data.buckets import Fit, aspect_error, make_buckets
 from lorasweep.data.captions import process_caption
-from lorasweep.data.dataset import ImageItem
+from lorasweep.data.dataset import ImageItem, fit_item
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,7 @@ class TrainData:
 
     def fit(self, item: ImageItem) -> Fit:
         """The bucket and resize size of ``item`` (any item, e.g. a validation image)."""
-        size = item.size if min(item.size) > 0 else images.probe_image(item.path)
-        return fit_image(size, self.size, self.cfg.buckets, self.buckets, where=str(item.path))
+        return fit_item(item, self.cfg, self.buckets)
 
     def bucket_info(self) -> dict[str, Any]:
         """kohya's ``ss_bucket_info``: slots per bucket (with repeats) and the mean |aspect error| of the

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lorasweep.config.validation import timestep_metric
 from lorasweep.training.objective import per_sample_mse, training_target
 
 Encode = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
@@ -35,13 +36,6 @@ class ValidationScores:
     def metrics(self) -> dict[str, float]:
         """``val_loss`` and ``val_loss/t<timestep>`` for each timestep: the names runs log and sweeps optimise."""
         return {"val_loss": self.mean, **{timestep_metric(t): v for t, v in self.per_timestep.items()}}
-
-
-TIMESTEP_METRIC_PREFIX = "val_loss/t"
-
-
-def timestep_metric(timestep: int) -> str:
-    return f"{TIMESTEP_METRIC_PREFIX}{timestep}"
 
 
 class ValidationLoss:
