@@ -127,6 +127,28 @@ def main_in(cwd: Path, args: list[str]) -> int:
         return main(args)
 
 
+def cli_in(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """:func:`main_in` with :func:`run_cli`'s result: exit code and captured output, ``env`` set for the call.
+    For sweeps whose trials run in the controller (``hydra/launcher=basic``) and that test no process-level
+    behaviour; those use :func:`run_cli`."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main_in(cwd, args)
+            except SystemExit as exit:  # Hydra's multirun path exits instead of returning
+                code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(["lorasweep", *args], code, out.getvalue(), err.getvalue())
+
+
 def user_error_line(returncode: int, stderr: str, *fragments: str) -> str:
     """Assert bad input's contract: exit code 2, no traceback, exactly one ``lorasweep: error:`` paragraph that
     contains every fragment; return that line."""

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 
 from lorasweep.sweeping.storage import SweepRecord, open_storage
-from tests.conftest import LORASWEEP, REPO, run_cli
+from tests.conftest import LORASWEEP, REPO, cli_in, run_cli
 
 HOOKS = "tests.e2e.sweep_hooks"
 ENV = {"PYTHONPATH": str(REPO)}  # the controller imports the custom_search_space hooks from tests/
@@ -132,7 +132,7 @@ def test_pruning_failures_and_the_failure_budget(tiny_model: Path, tmp_path: Pat
                       "hydra.sweeper.pruner=median", "++hydra.sweeper.pruner_args={n_startup_trials:1}",
                       "training.max_steps=40", f"hydra.sweeper.custom_search_space={HOOKS}.outcomes",
                       "network.dim=choice(4)", launcher="basic")
-    proc = run_cli(args, cwd=tmp_path, env=ENV)
+    proc = cli_in(tmp_path, args, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study = load(tmp_path, "faults")
     states = {t.number: t.state for t in study.trials}
@@ -161,7 +161,7 @@ def test_pruning_failures_and_the_failure_budget(tiny_model: Path, tmp_path: Pat
     assert not list((sweep_dir / "1").rglob("*.safetensors"))  # a pruned run saves no LoRA
 
     # Resume with a larger study: trial 5 explodes too, and 3 failures > max_failures=2 stops the sweep.
-    proc = run_cli([*args, "hydra.sweeper.n_trials=5"], cwd=tmp_path, env=ENV)
+    proc = cli_in(tmp_path, [*args, "hydra.sweeper.n_trials=5"], env=ENV)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "the sweep stopped early: 3 trials failed, more than hydra.sweeper.max_failures=2" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -323,7 +323,7 @@ def test_multi_objective_study_in_an_rdb_storage(tiny_model: Path, tmp_path: Pat
                       "hydra.sweeper.objective=[val_loss,steps_per_s]", "hydra.sweeper.direction=[minimize,maximize]",
                       "network.dim=choice(2,8)", "hydra.sweeper.sampler=grid", "training.max_steps=10",
                       launcher="basic")
-    proc = run_cli(args, cwd=tmp_path, env=ENV)
+    proc = cli_in(tmp_path, args, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not (tmp_path / "sweeps" / "pareto" / "optuna.journal").exists()
     study = optuna.load_study(study_name="pareto", storage=storage)
@@ -339,7 +339,7 @@ def test_multi_objective_study_in_an_rdb_storage(tiny_model: Path, tmp_path: Pat
 def test_timeout_stops_starting_trials(tiny_model: Path, tmp_path: Path) -> None:
     args = sweep_args(tmp_path, "timeout", "hydra.sweeper.n_trials=5", "hydra.sweeper.timeout=1",
                       "network.dim=choice(2,4,8)", launcher="basic")
-    proc = run_cli(args, cwd=tmp_path, env=ENV)
+    proc = cli_in(tmp_path, args, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(load(tmp_path, "timeout").trials) == 1  # the first trial outlasts the 1 s timeout
     assert "hydra.sweeper.timeout reached" in proc.stderr + proc.stdout
@@ -347,7 +347,7 @@ def test_timeout_stops_starting_trials(tiny_model: Path, tmp_path: Path) -> None
 
 def test_out_of_memory_fails_the_trial_not_the_sweep(tiny_model: Path, tmp_path: Path) -> None:
     args = sweep_args(tmp_path, "oom", "hydra.sweeper.n_trials=1", "network.dim=choice(2,4)", launcher="basic")
-    proc = run_cli(args, cwd=tmp_path, env={**ENV, "LORASWEEP_FAULT": "oom:step=10:trial=0"})
+    proc = cli_in(tmp_path, args, env={**ENV, "LORASWEEP_FAULT": "oom:step=10:trial=0"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first, second = load(tmp_path, "oom").trials
     assert first.state == TrialState.FAIL and "OutOfMemoryError" in first.user_attrs["error"]
