@@ -28,10 +28,12 @@ def test_cached_latents_and_text_states_equal_fresh_ones(untrained_tiny: Path, t
     assert len(entries) == 8  # both orientations
     cpu = torch.device("cpu")
     store = FeatureCache(tmp_path / "cache", "latents")
-    fresh = latent_moments(data, entries, base, cpu, None)
-    built = latent_moments(data, entries, base, cpu, store)
-    hit = latent_moments(data, entries, base, cpu, store)
+    fresh = latent_moments(data, entries, base, cpu, None, device_tag="cpu")
+    built = latent_moments(data, entries, base, cpu, store, device_tag="cpu")
+    hit = latent_moments(data, entries, base, cpu, store, device_tag="cpu")
     assert (store.built, store.hits) == (8, 8)
+    latent_moments(data, entries, base, cpu, store, device_tag="cpu:mode=native")  # other kernels: other bits
+    assert (store.built, store.hits) == (16, 8)
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(fresh, built, hit, strict=True))
     assert not torch.equal(fresh[0], fresh[1])  # the flipped image is another latent
     z1 = sample_latents(hit, base.vae, torch.Generator().manual_seed(1))

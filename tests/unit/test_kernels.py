@@ -7,11 +7,20 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lorasweep.training.kernels import NATIVE_MAX_POSITIONS, NATIVE_MIN_WEIGHT, conv_kernels, kernel_mode
+from lorasweep.training.kernels import (
+    NATIVE_MAX_POSITIONS,
+    NATIVE_MIN_WEIGHT,
+    WINOGRAD_MIN_POSITIONS,
+    WINOGRAD_MIN_WEIGHT,
+    conv_kernels,
+    kernel_mode,
+    kernels_tag,
+)
 
 CPU = torch.device("cpu")
 NATIVE = "aten::_slow_conv2d_forward"
 ONEDNN = "aten::mkldnn_convolution"
+WINOGRAD = "aten::_nnpack_spatial_convolution"
 
 
 def _kernels_of(conv: torch.nn.Module, x: torch.Tensor) -> set[str]:
@@ -47,7 +56,8 @@ def test_auto_picks_the_kernel_per_call_by_size_and_puts_everything_back() -> No
 
     with conv_kernels("auto", CPU, "no") as applied:
         assert applied == {"mode": "size", "native_max_positions": NATIVE_MAX_POSITIONS,
-                           "native_min_weight": NATIVE_MIN_WEIGHT}
+                           "native_min_weight": NATIVE_MIN_WEIGHT, "winograd_min_positions": WINOGRAD_MIN_POSITIONS,
+                           "winograd_min_weight": WINOGRAD_MIN_WEIGHT}
         on_small, on_large = _kernels_of(conv, small), _kernels_of(conv, large)
         on_light = _kernels_of(light, torch.randn(4, 64, 8, 8))
     assert ONEDNN in on_light and NATIVE not in on_light
@@ -85,3 +95,42 @@ def test_native_and_onednn_agree_to_float_rounding() -> None:
 def test_unknown_setting_is_refused() -> None:
     with pytest.raises(ValueError, match="cpu_conv_kernels"):
         kernel_mode("fast", CPU, "no")
+
+
+def _forward_kernels(conv: torch.nn.Module, x: torch.Tensor) -> tuple[set[str], torch.Tensor]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = conv(x)
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::") and "conv" in e.key}, out
+
+
+def test_auto_runs_winograd_on_large_maps_where_no_gradient_is_needed() -> None:
+    """The frozen VAE's case: no_grad, 3×3, stride 1, a large map. Deterministic, within float rounding of
+    PyTorch's own kernel; never with a gradient, on small maps, small weights or strided convolutions."""
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1).requires_grad_(False)
+    strided = torch.nn.Conv2d(128, 128, 3, padding=1, stride=2).requires_grad_(False)
+    light = torch.nn.Conv2d(16, 16, 3, padding=1).requires_grad_(False)
+    large = torch.randn(1, 128, 64, 64)
+    assert large.shape[2] * large.shape[3] == WINOGRAD_MIN_POSITIONS and conv.weight.numel() >= WINOGRAD_MIN_WEIGHT
+    with torch.no_grad():
+        reference = conv(large)
+    with conv_kernels("auto", CPU, "no") as applied, torch.no_grad():
+        used, out = _forward_kernels(conv, large)
+        _, again = _forward_kernels(conv, large)
+        assert WINOGRAD in used and ONEDNN not in used
+        assert WINOGRAD not in _forward_kernels(conv, torch.randn(1, 128, 32, 32))[0]
+        assert WINOGRAD not in _forward_kernels(strided, large)[0]
+        assert WINOGRAD not in _forward_kernels(light, torch.randn(1, 16, 64, 64))[0]
+    assert torch.equal(out, again)
+    assert 0 < (out - reference).abs().max() <= 1e-4 * reference.abs().max()
+    with conv_kernels("auto", CPU, "no"):
+        assert WINOGRAD not in _kernels_of(conv, large)  # training: the input needs its gradient
+    with conv_kernels("onednn", CPU, "no"), torch.no_grad():
+        assert WINOGRAD not in _forward_kernels(conv, large)[0]
+    assert "winograd_min_positions=4096" in kernels_tag(CPU, applied)
+
+
+def test_kernels_tag_names_what_encoded() -> None:
+    assert kernels_tag(CPU, {"mode": "onednn"}) == kernels_tag(CPU, {"mode": "default"}) == "cpu"
+    assert kernels_tag(CPU, {"mode": "native"}) == "cpu:mode=native"
+    assert kernels_tag(torch.device("cuda"), {"mode": "default"}) == "cuda"

@@ -62,7 +62,9 @@ class TrainingConfig:
     """CPU convolution kernels. ``auto``: per call, PyTorch's native kernel (im2col + BLAS) where batch ×
     pixels is small (≤ 256) and the weight large (≥ 1 M elements), oneDNN elsewhere — oneDNN re-converts
     every frozen weight on each call, which dominates on small maps (SD-1.5 UNet at 256 px, batch 1, 2-core
-    AVX2 CPU: forward + backward ≈3.4–3.9 s vs 4.1–6.4 s with oneDNN throughout). ``onednn``: PyTorch's
+    AVX2 CPU: forward + backward ≈3.4–3.9 s vs 4.1–6.4 s with oneDNN throughout); and where no gradient is
+    needed (the frozen VAE encoding and decoding, validation), NNPACK's Winograd kernel for 3×3 convolutions
+    on maps of ≥ 4096 positions (SD's VAE encoder at 256 px ≈2× faster). ``onednn``: PyTorch's
     default. ``native``: oneDNN off. ``auto`` applies to float32 CPU runs only; CUDA is never touched.
     Results differ only by float rounding (no kohya equivalent)."""
 

@@ -57,7 +57,7 @@ KINDS = ("latents", "text")
 SECTIONS = ("latents", "text", "models", "data")
 ALIASES: dict[str, tuple[str, ...]] = {"features": KINDS, "all": SECTIONS}
 # Bump one of these when what is stored under a kind changes: old entries then no longer match any key.
-LATENT_SCHEMA = "lorasweep-latents-1"
+LATENT_SCHEMA = "lorasweep-latents-2"  # 2: the CPU convolution kernels are part of device_type
 TEXT_SCHEMA = "lorasweep-text-1"
 # The metadata field that names the model an entry belongs to (shown by `lorasweep cache info`).
 MODEL_ID_FIELD = {"latents": "vae_id", "text": "text_encoder_id"}

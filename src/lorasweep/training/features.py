@@ -52,8 +52,9 @@ def sample_latents(moments: Sequence[torch.Tensor], vae: torch.nn.Module,
 
 
 def latent_moments(data: TrainData, entries: Sequence[CacheEntry], base: BaseModel, device: torch.device,
-                   store: FeatureCache | None) -> list[torch.Tensor]:
-    """The posterior moments of every cache entry (on ``device``), from the disk cache where present."""
+                   store: FeatureCache | None, *, device_tag: str) -> list[torch.Tensor]:
+    """The posterior moments of every cache entry (on ``device``), from the disk cache where present.
+    ``device_tag`` is the device part of the keys (:func:`lorasweep.training.kernels.kernels_tag`)."""
 
     def compute(indices: list[int]) -> list[dict[str, torch.Tensor]]:
         return [{"moments": _moments(base.vae, data.load_entry_pixels(entries[i]), device)} for i in indices]
@@ -62,7 +63,7 @@ def latent_moments(data: TrainData, entries: Sequence[CacheEntry], base: BaseMod
         return [r["moments"] for r in compute(list(range(len(entries))))]
     keys = [latent_key(vae_id=vae_identity(base), image_sha256=file_sha256(data.items[e.item_index].path),
                        bucket=e.fit.bucket, resized=e.fit.resized, crop=e.fit.centre_crop, flip=e.flip,
-                       device_type=device.type, dtype=DTYPE) for e in entries]
+                       device_type=device_tag, dtype=DTYPE) for e in entries]
     found = store.get_or_compute(keys, compute, lock_name=f"latents-{vae_identity(base)}")
     return [r["moments"].to(device) for r in found]
 

@@ -177,7 +177,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         latent_moments,
         sample_latents,
     )
-    from lorasweep.training.kernels import conv_kernels
+    from lorasweep.training.kernels import conv_kernels, kernels_tag
 
     tc = cfg.training
     device = pick_device(tc.device)
@@ -236,7 +236,8 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         cached: dict[str, torch.Tensor] = {}
         if cfg.data.cache_latents:
             entries = data.cache_entries()
-            moments = latent_moments(data, entries, base, device, stores["latents"])
+            moments = latent_moments(data, entries, base, device, stores["latents"],
+                                     device_tag=kernels_tag(device, kernels))
             cached = {e.key: z for e, z in zip(entries, sample_latents(moments, vae, latent_gen), strict=True)}
         frozen_text = None
         if not te_params and not cfg.data.shuffle_caption and not cfg.data.caption_tag_dropout_rate:
