@@ -10,6 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 from lorasweep.training.kernels import (
     NATIVE_MAX_POSITIONS,
     NATIVE_MIN_WEIGHT,
+    WINOGRAD_MAX_THREADS,
     WINOGRAD_MIN_POSITIONS,
     WINOGRAD_MIN_WEIGHT,
     conv_kernels,
@@ -128,6 +129,19 @@ def test_auto_runs_winograd_on_large_maps_where_no_gradient_is_needed() -> None:
     with conv_kernels("onednn", CPU, "no"), torch.no_grad():
         assert WINOGRAD not in _forward_kernels(conv, large)[0]
     assert "winograd_min_positions=4096" in kernels_tag(CPU, applied)
+
+
+def test_no_winograd_in_runs_of_many_threads() -> None:
+    """NNPACK's own thread pool beside OpenMP's made it slower at 16 threads: ``auto`` leaves it out there."""
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1).requires_grad_(False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(WINOGRAD_MAX_THREADS + 1)
+    try:
+        with conv_kernels("auto", CPU, "no") as applied, torch.no_grad():
+            assert applied["mode"] == "size" and "winograd_min_positions" not in applied
+            assert WINOGRAD not in _forward_kernels(conv, torch.randn(1, 128, 64, 64))[0]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_kernels_tag_names_what_encoded() -> None:

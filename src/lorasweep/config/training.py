@@ -64,7 +64,8 @@ class TrainingConfig:
     every frozen weight on each call, which dominates on small maps (SD-1.5 UNet at 256 px, batch 1, 2-core
     AVX2 CPU: forward + backward ≈3.4–3.9 s vs 4.1–6.4 s with oneDNN throughout); and where no gradient is
     needed (the frozen VAE encoding and decoding, validation), NNPACK's Winograd kernel for 3×3 convolutions
-    on maps of ≥ 4096 positions (SD's VAE encoder at 256 px ≈2× faster). ``onednn``: PyTorch's
+    on maps of ≥ 4096 positions in runs of ≤ 8 threads (SD's VAE at 256 px: encode ≈1.4×, decode ≈1.7×
+    faster; at 16 threads NNPACK's own thread pool made it slower). ``onednn``: PyTorch's
     default. ``native``: oneDNN off. ``auto`` applies to float32 CPU runs only; CUDA is never touched.
     Results differ only by float rounding (no kohya equivalent)."""
 

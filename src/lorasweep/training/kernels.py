@@ -18,7 +18,8 @@ On large maps a 3×3 convolution does fewer multiplications as a Winograd transf
 ships NNPACK's (F(6×6, 3×3) tiles) but picks it only for batches of 16 and more. Where no gradient is needed —
 the frozen VAE encoding images (every step without a latent cache, and when the cache is built), decoding
 samples, validation — ``auto`` calls it for inputs of at least :data:`WINOGRAD_MIN_POSITIONS` positions and
-weights of at least :data:`WINOGRAD_MIN_WEIGHT` elements. Its results differ from the GEMM kernels' in the
+weights of at least :data:`WINOGRAD_MIN_WEIGHT` elements, in runs of at most :data:`WINOGRAD_MAX_THREADS`
+threads. Its results differ from the GEMM kernels' in the
 last bits (≈2e-5 of the output's scale), so the latent cache keys say which kernels encoded
 (:func:`kernels_tag`). It applies to float32
 CPU runs only: CUDA uses cuDNN, and under bf16/fp16 autocast the native kernel would skip the cast.
@@ -57,6 +58,13 @@ no gradient is needed. Measured (2-core AVX2 EPYC, batch 1, forward, vs oneDNN):
 WINOGRAD_MIN_WEIGHT = 2**16
 """Weight elements from which ``auto`` considers the Winograd kernel (SD's VAE: 0.15–2.4 M; the tiny model's
 VAE, ≤ 37 k elements, encodes faster on oneDNN)."""
+
+WINOGRAD_MAX_THREADS = 8
+"""Intra-op threads up to which ``auto`` uses the Winograd kernel. NNPACK runs its own thread pool beside
+PyTorch's OpenMP one; measured on a 16-core AVX-512 Xeon, SD's VAE at 256 px, encode / decode vs oneDNN:
+2 threads 1.35–1.52 → 1.13–1.21 s / 3.76–4.46 → 2.32–2.36 s, 4 threads 0.85–0.96 → 0.54–0.66 / 1.58–2.14 →
+1.14–1.16, 8 threads 0.49–0.54 → 0.31–0.35 / 1.12 → 0.65–0.66, but 16 threads 0.30 → 0.62–0.75 / 0.67–0.71 →
+0.99–1.06 (slower). NNPACK sizes its pool once per process, at its first call."""
 
 _conv_forward = torch.nn.Conv2d._conv_forward
 
@@ -106,7 +114,8 @@ def conv_kernels(setting: str, device: torch.device, mixed: str) -> Iterator[dic
     """Apply ``setting`` inside the block; yields what was applied (recorded in run.json)."""
     mode = kernel_mode(setting, device, mixed)
     applied: dict[str, Any] = {"mode": mode}
-    winograd = mode == "size" and torch.backends.nnpack.is_available()  # the check also initialises NNPACK
+    winograd = (mode == "size" and torch.get_num_threads() <= WINOGRAD_MAX_THREADS
+                and torch.backends.nnpack.is_available())  # the check also initialises NNPACK
     if mode == "size":
         applied.update(native_max_positions=NATIVE_MAX_POSITIONS, native_min_weight=NATIVE_MIN_WEIGHT)
     if winograd:
