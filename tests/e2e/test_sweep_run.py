@@ -275,7 +275,7 @@ def test_grid_multirun_reuses_one_worker_and_has_a_parent_run_and_a_report(tiny_
     loaded once, and a reused worker trains bit for bit what a fresh process trains — although the jobs before
     left every trace a run can leave on a cached model (bf16 autocast patches forward, gradient checkpointing,
     LoRA on UNet and text encoder in train mode). One MLflow parent run, a report."""
-    common = ["sampling.enabled=false", "training.max_steps=10", "validation.every_n_steps=5",
+    common = ["sampling.enabled=false", "training.max_steps=10", "validation.every_n_steps=5", "validation.repeats=1",
               "training.gradient_checkpointing=true", "trial.num_threads=1"]
     proc = run_cli(["train", "-m", "hydra/launcher=lorasweep_process", "precision=bf16,fp32",
                     "optimizer.lr=1e-2", f"output.root={tmp_path}", *common], cwd=tmp_path)
