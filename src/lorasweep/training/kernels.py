@@ -19,11 +19,11 @@ ships NNPACK's (F(6×6, 3×3) tiles) but picks it only for batches of 16 and mor
 the frozen VAE encoding images (every step without a latent cache, and when the cache is built), decoding
 samples, validation — ``auto`` calls it for inputs of at least :data:`WINOGRAD_MIN_POSITIONS` positions and
 weights of at least :data:`WINOGRAD_MIN_WEIGHT` elements, in runs of at most :data:`WINOGRAD_MAX_THREADS`
-threads. Its results differ from the GEMM kernels' in the
-last bits (≈2e-5 of the output's scale), so the latent cache keys say which kernels encoded
-(:func:`kernels_tag`). It applies to float32
-CPU runs only: CUDA uses cuDNN, and under bf16/fp16 autocast the native kernel would skip the cast.
-``native`` turns oneDNN off for the whole run (``torch.backends.mkldnn.enabled``), ``onednn`` leaves
+threads. Its results differ from the GEMM kernels' in the last bits (≈2e-5 of the output's scale), so the
+latent cache keys say which kernels encoded (:func:`kernels_tag`).
+
+All of this applies to float32 CPU runs only: CUDA uses cuDNN, and under bf16/fp16 autocast the native kernel
+would skip the cast. ``native`` turns oneDNN off for the whole run (``torch.backends.mkldnn.enabled``), ``onednn`` leaves
 PyTorch's defaults.
 
 Both switches are process-wide (``Conv2d._conv_forward`` and the oneDNN flag), so :func:`conv_kernels` sets
