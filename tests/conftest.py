@@ -139,7 +139,7 @@ def cli_in(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> sub
             try:
                 code = main_in(cwd, args)
             except SystemExit as exit:  # Hydra's multirun path exits instead of returning
-                code = exit.code if isinstance(exit.code, int) else 1
+                code = 0 if exit.code is None else exit.code if isinstance(exit.code, int) else 1
     finally:
         for key, value in saved.items():
             if value is None:
