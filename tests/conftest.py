@@ -166,13 +166,11 @@ def trained_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     """One `lorasweep train` run on the embedded default (in the test process), shared by the run-folder,
     MLflow, export and reproduce tests; `reproduce` re-runs it in a fresh process."""
     work = tmp_path_factory.mktemp("trained")
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main_in(work, ["train", *FAST])
-    assert code == 0, out.getvalue() + err.getvalue()
+    proc = cli_in(work, ["train", *FAST])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     runs = sorted((work / "outputs" / "runs").iterdir())
     assert len(runs) == 1
-    return {"work": work, "run_dir": runs[0], "stdout": out.getvalue(), "stderr": err.getvalue()}
+    return {"work": work, "run_dir": runs[0], "stdout": proc.stdout, "stderr": proc.stderr}
 
 
 def _free_port() -> int:

@@ -23,8 +23,8 @@ threads. Its results differ from the GEMM kernels' in the last bits (≈2e-5 of 
 latent cache keys say which kernels encoded (:func:`kernels_tag`).
 
 All of this applies to float32 CPU runs only: CUDA uses cuDNN, and under bf16/fp16 autocast the native kernel
-would skip the cast. ``native`` turns oneDNN off for the whole run (``torch.backends.mkldnn.enabled``), ``onednn`` leaves
-PyTorch's defaults.
+would skip the cast. ``native`` turns oneDNN off for the whole run (``torch.backends.mkldnn.enabled``),
+``onednn`` leaves PyTorch's defaults.
 
 Both switches are process-wide (``Conv2d._conv_forward`` and the oneDNN flag), so :func:`conv_kernels` sets
 them for one run and puts them back however the run ends: a reused worker's next run starts clean.
@@ -69,25 +69,32 @@ PyTorch's OpenMP one; measured on a 16-core AVX-512 Xeon, SD's VAE at 256 px, en
 _conv_forward = torch.nn.Conv2d._conv_forward
 
 
+def _plain_cpu_float32(conv: torch.nn.Conv2d, input: torch.Tensor) -> bool:
+    """A float32 CPU convolution of a 4-D input, ungrouped, undilated, zero-padded: the cases both per-call
+    alternatives to ``Conv2d``'s own kernel handle."""
+    return (input.dim() == 4 and input.device.type == "cpu" and input.dtype == torch.float32 and conv.groups == 1
+            and conv.padding_mode == "zeros" and all(d == 1 for d in conv.dilation))
+
+
+def _positions(input: torch.Tensor) -> int:
+    """Batch × height × width of an NCHW input."""
+    return input.shape[0] * input.shape[2] * input.shape[3]
+
+
 def _winograd_fits(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> bool:
     if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and input.dim() == 4 and input.is_contiguous() and input.dtype == torch.float32
-            and input.device.type == "cpu" and weight.numel() >= WINOGRAD_MIN_WEIGHT
-            and input.shape[0] * input.shape[2] * input.shape[3] >= WINOGRAD_MIN_POSITIONS)
+    return (_plain_cpu_float32(conv, input) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and input.is_contiguous() and weight.numel() >= WINOGRAD_MIN_WEIGHT
+            and _positions(input) >= WINOGRAD_MIN_POSITIONS)
 
 
 def _size_aware_conv_forward(self: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
                              bias: torch.Tensor | None) -> torch.Tensor:
-    if (input.dim() == 4 and input.device.type == "cpu" and input.dtype == torch.float32
-            and input.shape[0] * input.shape[2] * input.shape[3] <= NATIVE_MAX_POSITIONS
-            and weight.numel() >= NATIVE_MIN_WEIGHT
-            and self.groups == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-            and all(d == 1 for d in self.dilation)):
+    if (_plain_cpu_float32(self, input) and not isinstance(self.padding, str)
+            and _positions(input) <= NATIVE_MAX_POSITIONS and weight.numel() >= NATIVE_MIN_WEIGHT):
         return torch._C._nn.thnn_conv2d(input, weight, self.kernel_size, bias, self.stride, self.padding)
     return _conv_forward(self, input, weight, bias)
 
