@@ -83,18 +83,18 @@ def _positions(input: torch.Tensor) -> int:
 
 def _winograd_fits(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> bool:
-    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if weight.numel() < WINOGRAD_MIN_WEIGHT or (torch.is_grad_enabled() and (
+            input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
         return False
     return (_plain_cpu_float32(conv, input) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and input.is_contiguous() and weight.numel() >= WINOGRAD_MIN_WEIGHT
-            and _positions(input) >= WINOGRAD_MIN_POSITIONS)
+            and conv.padding == (1, 1) and input.is_contiguous() and _positions(input) >= WINOGRAD_MIN_POSITIONS)
 
 
 def _size_aware_conv_forward(self: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
                              bias: torch.Tensor | None) -> torch.Tensor:
-    if (_plain_cpu_float32(self, input) and not isinstance(self.padding, str)
-            and _positions(input) <= NATIVE_MAX_POSITIONS and weight.numel() >= NATIVE_MIN_WEIGHT):
+    # The cheap tests first: every convolution of a step passes through here (most of them small).
+    if (weight.numel() >= NATIVE_MIN_WEIGHT and _plain_cpu_float32(self, input)
+            and not isinstance(self.padding, str) and _positions(input) <= NATIVE_MAX_POSITIONS):
         return torch._C._nn.thnn_conv2d(input, weight, self.kernel_size, bias, self.stride, self.padding)
     return _conv_forward(self, input, weight, bias)
 
