@@ -62,7 +62,8 @@ class TrainingConfig:
     """CPU convolution kernels. ``auto``: per call, PyTorch's native kernel (im2col + BLAS) where batch ×
     pixels is small (≤ 256) and the weight large (≥ 1 M elements), oneDNN elsewhere — oneDNN re-converts
     every frozen weight on each call, which dominates on small maps (SD-1.5 UNet at 256 px, batch 1, 2-core
-    AVX2 CPU: forward + backward ≈3.4–3.9 s vs 4.1–6.4 s with oneDNN throughout); and where no gradient is
+    AVX2 CPU: forward + backward ≈3.4–3.9 s vs 4.1–6.4 s with oneDNN throughout; 2-core AVX-512 CPU, whole
+    step with cached latents: 3.16 vs 3.95 s); and where no gradient is
     needed (the frozen VAE encoding and decoding, validation), NNPACK's Winograd kernel for 3×3 convolutions
     on maps of ≥ 4096 positions in runs of ≤ 8 threads (SD's VAE at 256 px: encode ≈1.4×, decode ≈1.7×
     faster; at 16 threads NNPACK's own thread pool made it slower). ``onednn``: PyTorch's
