@@ -90,11 +90,21 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without making the host wait for the GPU. A blocking copy from the CPU to
+    CUDA synchronises the stream: the host waits until every kernel already queued has run, once per batch,
+    and the GPU then idles while the host prepares the next step. From pinned memory the copy is queued
+    behind those kernels instead (PyTorch keeps the pinned block alive until the copy has run)."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, device: torch.device,
                    generator: torch.Generator | None) -> torch.Tensor:
     """VAE latents × scaling factor; a sample of the posterior with ``generator``, its mean without."""
     with torch.no_grad():
-        dist = vae.encode(pixels.to(device)).latent_dist
+        dist = vae.encode(_to_device(pixels, device)).latent_dist
         z = dist.mean if generator is None else dist.sample(generator=generator)
     return z * vae.config.scaling_factor
 
@@ -223,7 +233,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
         caption_tokens = CaptionTokens(base.tokenizer, max_tokens)
 
         def token_ids(captions: list[str]) -> torch.Tensor:
-            return caption_tokens(captions).to(device)
+            return _to_device(caption_tokens(captions), device)
 
         # Data: latents once when cached (the VAE is frozen), validation latents (posterior mean) always.
         data = TrainData(train_items, reg_items or [], cfg.data, seed=tc.seed, batch_size=tc.batch_size,
@@ -367,7 +377,7 @@ def train(cfg: TrainConfig, base: BaseModel, train_items: list[ImageItem], val_i
                             states = encode(te_fwd, token_ids(batch["captions"]))
                     pred = unet_step(noisy, timesteps, states).sample
                     target = training_target(noise_scheduler, latents, noise, timesteps)
-                    loss = training_loss(pred, target, timesteps, batch["loss_weight"])
+                    loss = training_loss(pred, target, timesteps, _to_device(batch["loss_weight"], device))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(params, tc.max_grad_norm)
