@@ -247,6 +247,17 @@ def test_a_value_the_constructor_refuses_is_a_user_error() -> None:
     assert info.value.where == "optimizer.args"
 
 
+def test_adamw_steps_all_tensors_at_once_unless_told_otherwise() -> None:
+    """AdamW's own default on the CPU is a Python loop over the tensors (hundreds of small LoRA matrices):
+    lorasweep asks for the multi-tensor (foreach) kernels there, and leaves a user's choice alone."""
+    optimizer = build_optimizer(OptimizerConfig(), lora_pair(), lora_pair())
+    assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
+    own = build_optimizer(OptimizerConfig(args={"fused": True}), lora_pair(), [])
+    assert own.defaults["fused"] is True and not own.defaults["foreach"]
+    single = build_optimizer(OptimizerConfig(args={"foreach": False}), lora_pair(), [])
+    assert single.defaults["foreach"] is False
+
+
 def test_presets_compose_with_their_usual_settings() -> None:
     prodigy = to_train_config(compose_config(["optimizer=prodigy"])).optimizer
     assert (prodigy.lr, prodigy.weight_decay) == (1.0, 0.01)
